@@ -1,0 +1,63 @@
+"""One resumable training loop shared by the SDP spectral model and the SCDM U-Nets.
+
+The loop is deliberately dumb: the model-specific work lives in a pure, jitted
+`train_step(state, batch, key) -> (state, metrics)` and a host-side `batch_fn(step)`. Keys and
+batches are derived from the global step (`fold_in(key, step)`), so a run that is killed and
+resumed from its last checkpoint ends with exactly the parameters of an uninterrupted run.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from hsijax import progress
+from hsijax.checkpoint import Checkpointer
+
+
+def run(train_step: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
+        state: Any,
+        batch_fn: Callable[[int], Any],
+        *,
+        num_steps: int,
+        key: jax.Array,
+        checkpointer: Checkpointer | None = None,
+        log_every: int = 100,
+        desc: str = "train") -> tuple[Any, dict[str, list[float]]]:
+  """Runs `train_step` from the latest checkpoint (if any) up to `num_steps`.
+
+  Args:
+    train_step: pure step; its first argument may be donated.
+    state: initial state (used as the restore target, so it also fixes shardings).
+    batch_fn: step -> batch already placed on devices (e.g. via sharding.shard_batch).
+    num_steps: total number of steps of the full run (not of this call).
+    key: base PRNG key; step s uses fold_in(key, s).
+    checkpointer: saves every `checkpointer.save_interval_steps` and at the end.
+
+  Returns:
+    (final state, history) with history["step"], history["loss"] sampled every `log_every`.
+  """
+  start = 0
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    start = int(checkpointer.latest_step())
+    state = checkpointer.restore(start, target=state)
+  history: dict[str, list[float]] = {"step": [], "loss": []}
+  if start >= num_steps:
+    return state, history
+  bar = progress.host_bar(total=num_steps, initial=start, desc=desc, unit="step")
+  for step in range(start, num_steps):
+    state, metrics = train_step(state, batch_fn(step), jax.random.fold_in(key, step))
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      loss = float(np.asarray(metrics["loss"]))
+      history["step"].append(done)
+      history["loss"].append(loss)
+      bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+    bar.update(1)
+    if checkpointer is not None:
+      checkpointer.save(done, state, force=(done == num_steps))
+  bar.close()
+  if checkpointer is not None:
+    checkpointer.wait()
+  return state, history

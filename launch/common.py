@@ -1,0 +1,115 @@
+"""Shared scaffolding for `python -m launch.<name>` entry points."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging as absl_logging
+
+from hsijax import sharding
+
+
+def setup(workdir: str | os.PathLike | None) -> pathlib.Path:
+  """Multi-host init, creates `workdir`, and quietens library logs; returns the path."""
+  sharding.initialize_distributed()
+  if not workdir:
+    raise ValueError("--workdir is required: pass --workdir=DIR for outputs and checkpoints")
+  path = pathlib.Path(workdir).expanduser().resolve()
+  path.mkdir(parents=True, exist_ok=True)
+  absl_logging.set_verbosity(absl_logging.INFO if jax.process_index() == 0 else
+                             absl_logging.ERROR)
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  return path
+
+
+def log(msg: str) -> None:
+  """Prints on process 0 only (so multi-host runs print once)."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def to_builtin(obj: Any) -> Any:
+  """Recursively converts numpy / jax scalars and arrays to JSON-serialisable Python values."""
+  if isinstance(obj, dict):
+    return {str(k): to_builtin(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [to_builtin(v) for v in obj]
+  if isinstance(obj, (np.ndarray, jax.Array)):
+    arr = np.asarray(obj)
+    return arr.item() if arr.ndim == 0 else arr.tolist()
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, pathlib.Path):
+    return str(obj)
+  return obj
+
+
+def _atomic_write(path: str | os.PathLike, write_fn, mode: str = "w") -> pathlib.Path:
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, mode) as f:
+      write_fn(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
+  """Writes `obj` as indented JSON atomically (temp file, then rename); process 0 only."""
+  if jax.process_index() != 0:
+    return pathlib.Path(path)
+  text = json.dumps(to_builtin(obj), indent=2, sort_keys=False)
+  return _atomic_write(path, lambda f: f.write(text + "\n"))
+
+
+def save_npz(path: str | os.PathLike, **arrays: Any) -> pathlib.Path:
+  """np.savez atomically; process 0 only."""
+  if jax.process_index() != 0:
+    return pathlib.Path(path)
+  host = {k: np.asarray(v) for k, v in arrays.items()}
+  return _atomic_write(path, lambda f: np.savez(f, **host), mode="wb")
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> pathlib.Path:
+  """Saves a matplotlib figure as PNG atomically and closes it; process 0 only."""
+  import matplotlib.pyplot as plt
+  try:
+    if jax.process_index() == 0:
+      _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi,
+                                                 bbox_inches="tight"), mode="wb")
+  finally:
+    plt.close(fig)
+  return pathlib.Path(path)
+
+
+def config_to_dict(cfg) -> dict:
+  """ConfigDict (or dict) to plain JSON-friendly dict."""
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  return to_builtin(d)
+
+
+def format_table(rows: dict[str, dict[str, float]], keys: list[str] | None = None,
+                 fmt: str = "{:.4f}") -> str:
+  """Plain-text table: one row per method, one column per metric."""
+  if not rows:
+    return ""
+  keys = keys or list(next(iter(rows.values())).keys())
+  width = max(len(k) for k in rows) + 2
+  head = "method".ljust(width) + "".join(k.rjust(12) for k in keys)
+  lines = [head, "-" * len(head)]
+  for name, vals in rows.items():
+    cells = "".join((fmt.format(vals[k]) if k in vals else "-").rjust(12) for k in keys)
+    lines.append(name.ljust(width) + cells)
+  return "\n".join(lines)
