@@ -1,0 +1,206 @@
+"""SDP (fusion with a spectral diffusion prior): presets for training, fusion and evaluation.
+
+`get_config(arg)` takes a comma-separated option string: one preset name plus optional
+modifiers, e.g. "crop", "crop,fast", "real,known", "paper_paviau".
+
+Presets:
+  paper_paviau, paper_ksc, paper_dc  256 x 256 Wald scenes as in the paper: ratio 8 (PSF
+                                     15 x 15), lam 0.1, gam 1e-3, solver lr 1e-3 / 1e-3 /
+                                     2.5e-3, T = 1000, K = 3, 30k training steps.
+  real      a user's own LR-HSI / HR-MSI pair (lam 1.0, gam 0.1, solver lr 8e-3).
+  crop      SPEC section 6: small real crops, ratio 4 (PSF 7 x 7), blind PSF / SRF.
+  demo      the self-made synthetic scene of `launch.demo` (minutes on a laptop CPU).
+Modifiers:
+  fast | paper   sets `budget` (number of training, solver and blind-estimation steps).
+  known          `known_operators=True`: use the true PSF / SRF instead of estimating them.
+
+Step counts left as None (`train.steps`, `solver.num_steps`, `blind.steps`, `blind.lr`) are
+filled from `budgets[budget]` at run time by `resolve(config)`; an explicit command-line value
+(`--config.train.steps=500`) always wins over the budget.
+
+Launch commands (run from the repository root):
+  python -m launch.demo --workdir=workdirs/demo
+  python -m launch.train_sdm --config=configs/sdp.py:crop \
+      --config.data.path=../shared/data/cubes/pavia_centre_crop.npz --workdir=workdirs/sdm
+  python -m launch.evaluate_sdp --config=configs/sdp.py:crop \
+      --config.data.path=../shared/data/cubes/pavia_centre_crop.npz --config.budget=fast \
+      --workdir=workdirs/eval_pavia_centre
+  python -m launch.evaluate_sdp --config=configs/sdp.py:crop \
+      --config.data.path=../shared/data/cubes/houston2018_crop.npz \
+      --config.data.wavelengths_nm=380:1050 --config.budget=fast --workdir=workdirs/eval_houston
+  python -m launch.fuse --config=configs/sdp.py:real --config.data.hsi=lr_hsi.npz:Y \
+      --config.data.msi=hr_msi.npz:Z [--config.data.reference=ref.npz:X] \
+      [--config.data.train_pixels=clean.npz:pixels] [--config.budget=fast] --workdir=workdirs/fuse
+  python -m launch.evaluate_sdp --config=configs/sdp.py:paper_paviau \
+      --config.data.path=/data/PaviaU.mat --config.data.key=paviaU --workdir=workdirs/paviau
+"""
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+from ml_collections import config_dict
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout; used only when present.
+_SHARED = _REPO.parent / "shared" / "data"
+_IKONOS = _SHARED / "srf" / "ikonos.npz"
+
+PRESETS = ("paper_paviau", "paper_ksc", "paper_dc", "real", "crop", "demo")
+BUDGETS = ("fast", "paper")
+
+
+def default_srf_path() -> str:
+  """The real IKONOS curves when ../shared/data is present, else "" (Gaussian IKONOS model)."""
+  return str(_IKONOS) if _IKONOS.is_file() else ""
+
+
+def _budgets() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      # Paper: 30k training steps, every one of the T = 1000 solver timesteps, 5000 blind steps.
+      "paper": {"train_steps": 30_000, "solver_steps": 1000, "blind_steps": 5000,
+                "blind_lr": 1e-5, "solver_lr_scale": 1.0},
+      # Fast: a 100 x 100 x 200 crop end to end in < 10 min on 2 CPU cores. Fewer solver
+      # timesteps (respaced) take proportionally bigger Adam steps so X can travel as far.
+      "fast": {"train_steps": 1500, "solver_steps": 100, "blind_steps": 1000,
+               "blind_lr": 5e-5, "solver_lr_scale": 4.0},
+  })
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the SDP config for `arg` = "<preset>[,fast|paper][,known]" (default "demo")."""
+  tokens = [t.strip() for t in (arg or "demo").split(",") if t.strip()]
+  presets = [t for t in tokens if t in PRESETS]
+  unknown = [t for t in tokens if t not in PRESETS + BUDGETS + ("known",)]
+  if unknown or len(presets) != 1:
+    raise ValueError(
+        f"bad SDP config option {arg!r}: give exactly one preset of {PRESETS}, optionally "
+        f"with ',fast' or ',paper' and ',known' (e.g. 'configs/sdp.py:crop,fast')")
+  preset = presets[0]
+
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
+  c.budget = "paper"
+  c.budgets = _budgets()
+  # Blind PSF / SRF estimation is the default everywhere, as in the paper.
+  c.known_operators = False
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_bands = config_dict.placeholder(int)  # filled from the data
+  c.model.hidden = 512
+  c.model.num_layers = 5
+  c.model.time_dim = 64
+  c.model.dropout = 0.001
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "linear"
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.respacing = "uniform"
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch = 512
+  c.train.steps = config_dict.placeholder(int)  # None -> budgets[budget].train_steps
+  c.train.lr = 1e-2
+  c.train.weight_decay = 1e-6
+  c.train.ema = 0.999
+  c.train.checkpoint_every = 1000
+  c.train.log_every = 100
+  c.train.fid_samples = 2048  # generated spectra for the spectral FID
+
+  c.solver = ml_collections.ConfigDict()
+  c.solver.lam = 0.1
+  c.solver.gam = 1e-3
+  c.solver.lr = 1e-3
+  c.solver.K = 3
+  c.solver.weight_decay = 1e-6
+  c.solver.ema = 0.9
+  c.solver.num_steps = config_dict.placeholder(int)  # None -> budgets[budget].solver_steps
+  c.solver.lr_scale = config_dict.placeholder(float)  # None -> budgets[budget].solver_lr_scale
+  c.solver.init = "ones"  # or "upsample"
+
+  c.blind = ml_collections.ConfigDict()
+  c.blind.enabled = True
+  c.blind.steps = config_dict.placeholder(int)  # None -> budgets[budget].blind_steps
+  c.blind.lr = config_dict.placeholder(float)   # None -> budgets[budget].blind_lr
+  c.blind.psf_size = config_dict.placeholder(int)  # None -> 2 * ratio - 1
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""        # evaluate_sdp / train_sdm: one cube file (.npz / .mat / .h5 / .tif)
+  c.data.key = ""         # array name inside it ("" = the only / usual one)
+  c.data.hsi = ""         # fuse: LR-HSI FILE[:KEY], (h, w, B)
+  c.data.msi = ""         # fuse: HR-MSI FILE[:KEY], (H, W, b)
+  c.data.reference = ""   # fuse: optional full-resolution reference FILE[:KEY], (H, W, B)
+  c.data.train_pixels = ""  # fuse: optional clean spectra FILE[:KEY], (N, B) or (h, w, B)
+  c.data.psf = ""         # fuse: optional known PSF FILE[:KEY], (k, k)
+  c.data.srf = ""         # fuse: optional known SRF FILE[:KEY], (b, B)
+  c.data.wavelengths_nm = ""  # "START:STOP" band-centre range when the file has none
+  c.data.ratio = 4
+  c.data.snr_y_db = 20.0
+  c.data.snr_z_db = 30.0
+  c.data.srf_path = default_srf_path()  # "" -> Gaussian model of the IKONOS bands
+  c.data.split = "rows"
+  # Synthetic scene (demo only).
+  c.data.height = 0
+  c.data.width = 0
+  c.data.num_bands = 0
+  c.data.num_endmembers = 0
+  c.data.spectra = "auto"
+
+  if preset.startswith("paper_"):
+    c.budget = "paper"
+    c.data.ratio = 8
+    c.solver.lr = {"paper_paviau": 1e-3, "paper_ksc": 1e-3, "paper_dc": 2.5e-3}[preset]
+    c.data.key = {"paper_paviau": "paviaU", "paper_ksc": "KSC", "paper_dc": "dc"}[preset]
+  elif preset == "real":
+    c.solver.lam = 1.0
+    c.solver.gam = 0.1
+    c.solver.lr = 8e-3
+  elif preset == "crop":
+    c.data.ratio = 4
+    c.data.key = "cube"
+  elif preset == "demo":
+    c.budget = "demo"
+    c.budgets.demo = ml_collections.ConfigDict({
+        "train_steps": 1500, "solver_steps": 100, "blind_steps": 1000, "blind_lr": 5e-5,
+        "solver_lr_scale": 4.0})
+    c.data.ratio = 4
+    c.data.height = 128  # top half trains the spectral model, bottom half is the reference
+    c.data.width = 64
+    c.data.num_bands = 64
+    c.data.num_endmembers = 6
+    c.data.wavelengths_nm = "400:780"
+    c.model.hidden = 256
+    c.train.checkpoint_every = 500
+
+  if "fast" in tokens:
+    c.budget = "fast"
+  if "paper" in tokens:
+    c.budget = "paper"
+  if "known" in tokens:
+    c.known_operators = True
+  return c
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Copy of `config` with the budget's step counts filled in wherever a field is None."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  if c.budget not in c.budgets:
+    raise ValueError(f"unknown budget {c.budget!r}; use one of {sorted(c.budgets.keys())} "
+                     f"(--config.budget=fast)")
+  b = c.budgets[c.budget]
+  if c.train.steps is None:
+    c.train.steps = int(b.train_steps)
+  if c.solver.num_steps is None:
+    c.solver.num_steps = min(int(b.solver_steps), int(c.diffusion.num_timesteps))
+  if c.solver.lr_scale is None:
+    c.solver.lr_scale = float(b.solver_lr_scale)
+  if c.blind.steps is None:
+    c.blind.steps = int(b.blind_steps)
+  if c.blind.lr is None:
+    c.blind.lr = float(b.blind_lr)
+  if c.blind.psf_size is None:
+    c.blind.psf_size = 2 * int(c.data.ratio) - 1
+  return c
+
