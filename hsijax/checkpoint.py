@@ -1,0 +1,196 @@
+"""Orbax checkpoints of training state (a thin `CheckpointManager` wrapper).
+
+One item per step, written with `ocp.args.StandardSave` and read with
+`ocp.args.StandardRestore`, under `directory/<step>/`. Saving is asynchronous
+(the device-to-host copy happens before `save` returns, so donated/updated
+buffers are safe); `wait()` or `close()` blocks until files are on disk. On
+several hosts every process calls `save`/`restore` with its own shards.
+
+What a state pytree may hold:
+  * flax parameter dicts (nested dicts of arrays), NumPy or JAX arrays, sharded
+    or not;
+  * optax states (NamedTuples such as `ScaleByAdamState`): restored as the
+    same NamedTuples when a `target` is given, as plain lists/dicts otherwise;
+  * Python ints/floats such as a step counter: restored as Python scalars;
+  * PRNG keys: both typed keys (`jax.random.key`) and raw uint32 keys
+    (`jax.random.PRNGKey` or `jax.random.key_data(key)`) round-trip. Orbax
+    stores typed keys as their uint32 key data plus the key implementation,
+    so a typed key comes back typed, with or without `target`.
+
+Example:
+
+  with Checkpointer(workdir / "checkpoints", max_to_keep=3) as ckpt:
+    start = 0
+    if ckpt.latest_step() is not None:
+      state = ckpt.restore(target=state, shardings=state_shardings)
+      start = ckpt.latest_step()
+    for step in range(start, num_steps):
+      state = train_step(state, batch)
+      ckpt.save(step + 1, state)
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _absolute(directory: os.PathLike | str) -> str:
+  """Absolute local path; remote URLs (gs://, s3://) pass through unchanged."""
+  directory = os.fspath(directory)
+  if "://" in directory:
+    return directory
+  return os.path.abspath(os.path.expanduser(directory))
+
+
+def _is_array_like(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _abstract_leaf(x: Any, sharding: jax.sharding.Sharding | None) -> Any:
+  """Restore target for one leaf: a ShapeDtypeStruct carrying the wanted sharding.
+
+  Python scalars stay as they are (Orbax restores them as Python scalars).
+  NumPy leaves without a sharding stay NumPy; JAX arrays keep their own
+  sharding unless one is given.
+  """
+  if not _is_array_like(x):
+    return x
+  if sharding is None:
+    if isinstance(x, (np.ndarray, np.generic)):
+      return x
+    sharding = getattr(x, "sharding", None)
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def _abstract_target(target: Any, shardings: Any) -> Any:
+  """Pairs every target leaf with its sharding (None, one Sharding, or a pytree)."""
+  leaves, treedef = jax.tree_util.tree_flatten(target)
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    per_leaf = [shardings] * len(leaves)
+  else:
+    try:
+      # Sharding pytree with the target's structure; None leaves keep defaults.
+      per_leaf = treedef.flatten_up_to(shardings)
+    except (ValueError, TypeError) as e:
+      raise ValueError(
+          "shardings must be one jax.sharding.Sharding or a pytree with the same structure "
+          f"as target (None where the default is fine); it does not match: {e}") from e
+  return jax.tree_util.tree_unflatten(
+      treedef, [_abstract_leaf(x, s) for x, s in zip(leaves, per_leaf)])
+
+
+class Checkpointer:
+  """Saves and restores state pytrees in one directory, keeping the newest N.
+
+  Args:
+    directory: where step folders go; made absolute (Orbax requires it) and
+      created if missing.
+    max_to_keep: how many most recent checkpoints stay on disk (None = all).
+    save_interval_steps: `save` writes only when `step` is a multiple of this
+      (unless `force=True`).
+  """
+
+  def __init__(self, directory: os.PathLike | str, max_to_keep: int | None = 3,
+               save_interval_steps: int = 1):
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}.")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
+    self.directory = _absolute(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  # -- writing ---------------------------------------------------------------
+
+  def save(self, step: int, pytree: Any, force: bool = False) -> bool:
+    """Starts saving `pytree` as checkpoint `step`.
+
+    Returns:
+      True when a save was started; False when `save_interval_steps` skips
+      this step (use `force=True` to save anyway, e.g. at the last step).
+
+    Raises:
+      ValueError: when checkpoint `step` already exists.
+    """
+    step = int(step)
+    if step in self._manager.all_steps():
+      raise ValueError(f"A checkpoint for step {step} already exists in {self.directory}; "
+                       "save under a new step or delete the old one first.")
+    return self._manager.save(step, args=ocp.args.StandardSave(pytree), force=force)
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  # -- reading ---------------------------------------------------------------
+
+  def all_steps(self) -> list[int]:
+    """Steps with a finished checkpoint, ascending."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """Newest saved step, or None when the directory holds no checkpoint."""
+    return self._manager.latest_step()
+
+  def restore(self, step: int | None = None, target: Any = None, shardings: Any = None) -> Any:
+    """Reads checkpoint `step` (default: the latest).
+
+    Args:
+      step: which checkpoint; None = `latest_step()`.
+      target: pytree with the saved structure, concrete (e.g. the freshly
+        initialised state) or abstract (`jax.eval_shape(init_fn, ...)`, leaves
+        `jax.ShapeDtypeStruct`). It rebuilds containers such as optax
+        NamedTuples and sets shapes/dtypes. Without it, the saved structure is
+        returned with NamedTuples as lists and arrays on their saved sharding.
+      shardings: where restored arrays land: one `jax.sharding.Sharding` for
+        every array leaf, or a pytree matching `target` (None leaves = default:
+        a JAX array's own sharding, NumPy stays NumPy). Arrays are read straight
+        into these shardings, e.g. `NamedSharding(mesh, P("data"))` over 8
+        devices. Needs `target`.
+
+    Returns:
+      The restored pytree.
+
+    Raises:
+      FileNotFoundError: when there is no checkpoint (or not this step).
+      ValueError: for `shardings` without `target`.
+    """
+    self.wait()  # A save still in flight is not yet listed.
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(
+          f"No checkpoint found in {self.directory}; train first or point the directory at "
+          "an existing checkpoints folder.")
+    if step is None:
+      step = steps[-1]
+    elif int(step) not in steps:
+      raise FileNotFoundError(
+          f"No checkpoint for step {step} in {self.directory}; available steps: {steps}.")
+    if target is None:
+      if shardings is not None:
+        raise ValueError("restore(shardings=...) needs target=... to pair shardings with "
+                         "leaves; pass the initial state or jax.eval_shape of its init.")
+      return self._manager.restore(int(step), args=ocp.args.StandardRestore())
+    abstract = _abstract_target(target, shardings)
+    return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+
+  # -- lifetime --------------------------------------------------------------
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's threads."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def __repr__(self) -> str:
+    return f"Checkpointer({self.directory!r}, steps={self.all_steps()})"
