@@ -1,0 +1,81 @@
+"""Progress bars from inside jit, the shared training loop's resume, atomic JSON output."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hsijax import progress, trainloop
+from hsijax.checkpoint import Checkpointer
+from launch import common
+
+
+def test_tick_inside_scan_moves_the_active_bar_even_from_a_cached_compile(monkeypatch):
+  monkeypatch.setenv("HSIJAX_PROGRESS", "1")
+
+  @jax.jit
+  def run(x):
+    def body(c, i):
+      progress.tick(i + 1, every=5)
+      return c + 1.0, None
+    return jax.lax.scan(body, x, jnp.arange(20))[0]
+
+  for _ in range(2):  # the second call reuses the compiled program
+    with progress.bar(20, "scan") as b:
+      jax.block_until_ready(run(jnp.float32(0)))
+      jax.effects_barrier()
+      assert b.n == 20
+
+
+def test_tick_without_bar_is_a_noop():
+  out = jax.jit(lambda: (progress.tick(jnp.int32(10), every=5), 3.0)[1])()
+  assert float(out) == 3.0
+
+
+def _toy_problem():
+  target = jnp.arange(4.0)
+  opt = optax.adam(0.1)
+
+  @jax.jit
+  def step(state, batch, key):
+    params, opt_state = state
+    noise = 0.01 * jax.random.normal(key, (4,))
+    loss, g = jax.value_and_grad(lambda p: jnp.sum((p - batch - noise) ** 2))(params)
+    upd, opt_state = opt.update(g, opt_state)
+    return (optax.apply_updates(params, upd), opt_state), {"loss": loss}
+
+  init = (jnp.zeros(4), opt.init(jnp.zeros(4)))
+  return step, init, (lambda s: target + 0.001 * s)
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+  step, init, batch_fn = _toy_problem()
+  key = jax.random.key(0)
+  full, hist = trainloop.run(step, init, batch_fn, num_steps=12, key=key, log_every=4)
+  assert hist["step"] == [4, 8, 12]
+  with Checkpointer(tmp_path / "ck", save_interval_steps=5) as ck:
+    trainloop.run(step, init, batch_fn, num_steps=7, key=key, checkpointer=ck)
+    assert ck.latest_step() == 7
+  # A new process would start again from `init` and pick up step 7 from disk.
+  with Checkpointer(tmp_path / "ck", save_interval_steps=5) as ck:
+    resumed, _ = trainloop.run(step, init, batch_fn, num_steps=12, key=key, checkpointer=ck)
+  np.testing.assert_array_equal(np.asarray(resumed[0]), np.asarray(full[0]))
+  assert not np.allclose(np.asarray(full[0]), 0.0)
+
+
+def test_write_json_is_atomic_and_converts_arrays(tmp_path):
+  path = tmp_path / "m.json"
+  common.write_json(path, {"a": np.float32(1.5), "b": jnp.arange(3), "c": (np.int64(2),)})
+  assert json.loads(path.read_text()) == {"a": 1.5, "b": [0, 1, 2], "c": [2]}
+  with pytest.raises(TypeError):
+    common.write_json(path, {"bad": object()})
+  # The failed write left the previous file intact and no temp files behind.
+  assert json.loads(path.read_text())["a"] == 1.5
+  assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_format_table_lists_every_method():
+  text = common.format_table({"sdp": {"psnr": 40.0}, "baseline": {"psnr": 35.25}})
+  assert "sdp" in text and "35.2500" in text
