@@ -36,16 +36,22 @@ def log(msg: str) -> None:
 
 
 def to_builtin(obj: Any) -> Any:
-  """Recursively converts numpy / jax scalars and arrays to JSON-serialisable Python values."""
+  """Recursively converts numpy / jax scalars and arrays to JSON-serialisable Python values.
+
+  Non-finite floats become the strings "inf", "-inf" and "nan" (strict JSON has no Infinity;
+  PSNR of identical images is +inf).
+  """
+  if isinstance(obj, float) and not np.isfinite(obj):
+    return str(obj)
   if isinstance(obj, dict):
     return {str(k): to_builtin(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [to_builtin(v) for v in obj]
   if isinstance(obj, (np.ndarray, jax.Array)):
     arr = np.asarray(obj)
-    return arr.item() if arr.ndim == 0 else arr.tolist()
+    return to_builtin(arr.item()) if arr.ndim == 0 else to_builtin(arr.tolist())
   if isinstance(obj, np.generic):
-    return obj.item()
+    return to_builtin(obj.item())
   if isinstance(obj, pathlib.Path):
     return str(obj)
   return obj
@@ -70,7 +76,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
   """Writes `obj` as indented JSON atomically (temp file, then rename); process 0 only."""
   if jax.process_index() != 0:
     return pathlib.Path(path)
-  text = json.dumps(to_builtin(obj), indent=2, sort_keys=False)
+  text = json.dumps(to_builtin(obj), indent=2, sort_keys=False, allow_nan=False)
   return _atomic_write(path, lambda f: f.write(text + "\n"))
 
 

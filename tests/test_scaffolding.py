@@ -67,8 +67,9 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 
 def test_write_json_is_atomic_and_converts_arrays(tmp_path):
   path = tmp_path / "m.json"
-  common.write_json(path, {"a": np.float32(1.5), "b": jnp.arange(3), "c": (np.int64(2),)})
-  assert json.loads(path.read_text()) == {"a": 1.5, "b": [0, 1, 2], "c": [2]}
+  common.write_json(path, {"a": np.float32(1.5), "b": jnp.arange(3), "c": (np.int64(2),),
+                           "psnr": np.float32(np.inf)})
+  assert json.loads(path.read_text()) == {"a": 1.5, "b": [0, 1, 2], "c": [2], "psnr": "inf"}
   with pytest.raises(TypeError):
     common.write_json(path, {"bad": object()})
   # The failed write left the previous file intact and no temp files behind.
