@@ -1,0 +1,125 @@
+"""Per-pixel spectral denoiser eps_theta(x_t, t) of SDP (SPEC section 3).
+
+Architecture (the authors' code, 5 linear layers; the paper's table says L = 4):
+
+  c   = Linear(B, B)(SiLU(Linear(64, B)(emb(t))))            emb: 64-d sinusoidal (cos | sin)
+  h   = x
+  for i in 0 .. L-2:                                          (layers 0-3 for L = 5)
+    h = Linear_i(h)            if i == 0 else Linear_i(concat(h, x))
+    s = Cond_i(SiLU(c))                                       (hidden,)
+    h = dropout(SiLU(LayerNorm(h * (1 + s) + s)))
+  out = Linear_{L-1}(concat(h, x))                            (N, B), nothing after
+
+Speed-relevant choices (same function, same parameters as the concat form):
+* For a scalar `t` (the solver: one timestep for all pixels) `c` and every `s_i` are
+  vectors computed once and broadcast over the N pixels, never a per-pixel time MLP.
+* `Linear(concat(h, x))` is computed as `h @ K[:hidden] + x @ K[hidden:]`, and the x parts
+  of every skip layer (plus layer 0, whose only input is x) are one matmul
+  `x @ [K_0 | K_1x | ... | K_{L-1}x]`, so the concatenation is never materialised and the
+  backward pass w.r.t. x is also a single matmul. Kernels are stored exactly as the
+  torch `Linear(hidden + B, out)` weights (transposed), so checkpoints port 1:1.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hsijax import diffusion
+
+# torch.nn.init.xavier_normal_: N(0, 2 / (fan_in + fan_out)), not truncated.
+xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+TORCH_LAYERNORM_EPS = 1e-5
+
+
+class _Linear(nn.Module):
+  """Holds one (in, out) kernel and (out,) bias; returns them (the caller does the matmul)."""
+  features_in: int
+  features_out: int
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", xavier_normal, (self.features_in, self.features_out))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features_out,))
+    return kernel, bias
+
+
+class SpectralDenoiser(nn.Module):
+  """eps_theta for spectra: (N, B) noisy spectra and timesteps -> (N, B) predicted noise.
+
+  Attributes:
+    num_bands: B, spectral bands of input and output.
+    hidden: width of the hidden layers (512).
+    num_layers: number of main linear layers L (5 in the authors' code), >= 2.
+    time_dim: sinusoidal embedding size (64).
+    dropout: dropout rate after each hidden layer, active only with train=True.
+  """
+  num_bands: int
+  hidden: int = 512
+  num_layers: int = 5
+  time_dim: int = 64
+  dropout: float = 0.001
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: Any, train: bool = False) -> jax.Array:
+    """Predicts the noise.
+
+    Args:
+      x: (N, B) noisy spectra x_t.
+      t: original timestep(s) in [0, T): an int scalar (shared by all pixels; the time
+        condition is then computed once) or an (N,) array (one per pixel, training).
+      train: enables dropout (needs the "dropout" rng).
+
+    Returns:
+      (N, B) predicted eps.
+    """
+    B, H, L = self.num_bands, self.hidden, self.num_layers
+    if L < 2:
+      raise ValueError(f"num_layers must be >= 2 (input and output layer), got {L}")
+    if x.ndim != 2 or x.shape[-1] != B:
+      raise ValueError(f"x must be (N, {B}) spectra, got shape {x.shape}; flatten images "
+                       "with x.reshape(-1, num_bands)")
+    t = jnp.asarray(t)
+    if t.ndim not in (0, 1) or (t.ndim == 1 and t.shape[0] != x.shape[0]):
+      raise ValueError(f"t must be a scalar or shaped ({x.shape[0]},), got {t.shape}")
+
+    # Time condition: (B,) for scalar t, (N, B) for per-pixel t.
+    emb = diffusion.timestep_embedding(t, self.time_dim)
+    k, b = _Linear(self.time_dim, B, name="time_0")()
+    c = nn.silu(emb @ k + b)
+    k, b = _Linear(B, B, name="time_1")()
+    c = c @ k + b
+    act_c = nn.silu(c)
+
+    # Main kernels, torch layout (in, out): layer 0 (B, H), skip layers (H + B, out).
+    outs = [H] * (L - 1) + [B]
+    layers = [_Linear(B if i == 0 else H + B, outs[i], name=f"layer_{i}")() for i in range(L)]
+
+    # All x-facing parts in one matmul: (N, B) @ (B, H + (L - 2) H + B).
+    x_kernel = jnp.concatenate([layers[0][0]] + [k[H:] for k, _ in layers[1:]], axis=1)
+    x_proj = x @ x_kernel
+    offsets = [0]
+    for o in outs:
+      offsets.append(offsets[-1] + o)
+
+    h = None
+    for i in range(L):
+      kernel, bias = layers[i]
+      xp = x_proj[:, offsets[i]:offsets[i + 1]]
+      h = xp + bias if i == 0 else h @ kernel[:H] + xp + bias
+      if i == L - 1:
+        break
+      ck, cb = _Linear(B, H, name=f"cond_{i}")()
+      s = act_c @ ck + cb          # (H,) once for scalar t, else (N, H)
+      h = h * (1.0 + s) + s
+      h = nn.LayerNorm(epsilon=TORCH_LAYERNORM_EPS, name=f"norm_{i}")(h)
+      h = nn.silu(h)
+      h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
+    return h
+
+
+def count_params(params: Any) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
