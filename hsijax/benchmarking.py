@@ -19,6 +19,7 @@ import math
 import os
 import resource
 import statistics
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -157,6 +158,53 @@ def memory_stats(compiled: Any) -> dict[str, int] | None:
 def max_rss_bytes() -> int:
   """High-water mark of this process's resident memory (bytes; Linux reports KiB)."""
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def current_rss_bytes() -> int | None:
+  """Resident memory of this process now (Linux /proc/self/statm; None elsewhere)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+class RSSMonitor:
+  """Context manager sampling this process's resident memory in a background thread.
+
+  `peak_bytes` is the highest RSS seen inside the block and `delta_bytes` its excess over
+  the RSS at entry: the extra memory a workload touched (a lower bound when the allocator
+  reuses memory freed before the block).
+  """
+
+  def __init__(self, interval_s: float = 0.002):
+    self.interval_s = interval_s
+    self.start_bytes = self.peak_bytes = current_rss_bytes() or 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self) -> None:
+    while not self._stop.is_set():
+      self.peak_bytes = max(self.peak_bytes, current_rss_bytes() or 0)
+      self._stop.wait(self.interval_s)
+
+  def __enter__(self) -> "RSSMonitor":
+    self.start_bytes = self.peak_bytes = current_rss_bytes() or 0
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    self._thread.join()
+    self.peak_bytes = max(self.peak_bytes, current_rss_bytes() or 0)
+
+  @property
+  def delta_bytes(self) -> int:
+    return max(0, self.peak_bytes - self.start_bytes)
+
+  def as_dict(self) -> dict[str, int]:
+    return {"rss_start": self.start_bytes, "rss_peak": self.peak_bytes,
+            "rss_delta": self.delta_bytes, "max_rss_process": max_rss_bytes()}
 
 
 # --------------------------------------------------------------------------- jaxpr FLOPs

@@ -1,0 +1,128 @@
+"""Benchmark presets for `launch.bench` (SPEC sections 7 and 8).
+
+Presets:
+  cpu    every workload at sizes that finish in < 15 minutes on 2 CPU cores, JAX and the
+         PyTorch eager reference side by side.
+  gpu    the same workloads at paper scale (256 x 256 SDP scenes, the paper U-Net on 256 x 256
+         crops, full 1000-step DDPM sampling) for an accelerator host.
+  tiny   seconds-long smoke run (tests): small shapes, 2 repeats, no full sampling.
+
+Workloads (`workloads` is a comma-separated subset of these names):
+  sdm_train            one spectral-model training step (batch 512, B = 103, Adam + EMA).
+  sdp_step_<S>         one SDP solver timestep (K Adam steps on X) on an S x S x 103 scene,
+                       ratio 8, 15 x 15 PSF, 4 MSI bands: timed as the library's jitted solver
+                       run for `sdp.chunk_steps` outer steps, divided by that number.
+  scdm_<u>[_icmg]      one SCDM sampler step of U-Net <u> ("tiny" / "paper"), without or with
+                       ICMG (conditional + unconditional prediction as one 2N batch), PDT on;
+                       timed as the library sampler over `scdm.chunk_steps` steps / that number.
+  sample_<u>_<m>       full sampling with method m ("ddim": `sampling.ddim_steps` steps, "ddpm":
+                       `sampling.ddpm_steps`), ICMG on; when the predicted time exceeds
+                       `sampling.max_full_s` the total is estimated from the per-step time of
+                       the matching scdm_<u>_icmg workload (marked "estimated": true).
+
+Launch commands (run from the repository root):
+  python -m launch.bench --config=configs/bench.py:cpu --workdir=workdirs/bench
+  python -m launch.bench --config=configs/bench.py:cpu --config.workloads=sdp_step_64,sdm_train \
+      --workdir=workdirs/bench_sdp
+  python -m launch.bench --config=configs/bench.py:gpu --config.torch=False --workdir=workdirs/bench_gpu
+"""
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("cpu", "gpu", "tiny")
+
+
+def _unet(base: int, mults: tuple, attn_levels: tuple, groups: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "base": base, "channel_mults": mults, "num_res_down": 2, "num_res_up": 3,
+      "attn_levels": attn_levels, "mid_attn": True, "dropout": 0.1, "groups": groups})
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Benchmark config for preset `arg` in PRESETS (default "cpu")."""
+  preset = (arg or "cpu").strip()
+  if preset not in PRESETS:
+    raise ValueError(f"unknown bench preset {arg!r}; use one of {PRESETS}, e.g. "
+                     "--config=configs/bench.py:cpu")
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
+  c.repeats = 5            # timed calls per workload (median reported)
+  c.warmup = 1             # untimed calls after compilation
+  c.torch = True           # also time the PyTorch eager reference when torch is installed
+  c.torch_threads = 0      # 0 = os.cpu_count(), the cores XLA uses
+  c.matmul_n = 2048        # (n, n) @ (n, n) float32 for the machine's matmul peak
+  c.workloads = ("sdm_train,sdp_step_64,sdp_step_128,scdm_tiny,scdm_tiny_icmg,scdm_paper,"
+                 "scdm_paper_icmg,sample_tiny_ddim,sample_tiny_ddpm,sample_paper_ddim,"
+                 "sample_paper_ddpm")
+
+  c.sdp = ml_collections.ConfigDict()
+  c.sdp.num_bands = 103
+  c.sdp.msi_bands = 4
+  c.sdp.ratio = 8
+  c.sdp.psf_size = 15
+  c.sdp.hidden = 512
+  c.sdp.num_layers = 5
+  c.sdp.time_dim = 64
+  c.sdp.K = 3
+  c.sdp.lam = 0.1
+  c.sdp.gam = 1e-3
+  c.sdp.lr = 1e-3
+  c.sdp.sizes = (64, 128)   # S for the sdp_step_<S> workloads
+  c.sdp.chunk_steps = 2     # outer timesteps per timed solver call
+  c.sdp.train_batch = 512
+  c.sdp.train_pixels = 4096  # pool of random "clean" pixels the batches are drawn from
+
+  c.scdm = ml_collections.ConfigDict()
+  c.scdm.out_channels = 48  # stage 2 of Houston: all 48 bands ...
+  c.scdm.cond_channels = 12  # ... conditioned on the 12 first-stage bands
+  c.scdm.guidance_scale = 1.0
+  c.scdm.pdt_target = "eps"
+  c.scdm.pdt_p_T = 0.88
+  c.scdm.chunk_steps = 4
+  c.scdm.unets = ml_collections.ConfigDict({
+      "tiny": _unet(16, (1, 2, 2), (1,), 8),
+      "paper": _unet(128, (1, 2, 2, 2, 2, 2, 2), (3,), 32),
+  })
+  c.scdm.sizes = ml_collections.ConfigDict({"tiny": 32, "paper": 64})  # H = W
+  c.scdm.batch = 1
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.ddim_steps = 50
+  c.sampling.ddpm_steps = 1000
+  c.sampling.max_full_s = 60.0  # per framework; longer runs are estimated from the step time
+
+  if preset == "gpu":
+    c.torch = False
+    c.sdp.sizes = (64, 128, 256)
+    c.sdp.chunk_steps = 10
+    c.scdm.sizes = ml_collections.ConfigDict({"tiny": 64, "paper": 256})
+    c.scdm.chunk_steps = 10
+    c.sampling.max_full_s = 3600.0
+    c.repeats = 10
+  elif preset == "tiny":
+    c.repeats = 2
+    c.matmul_n = 256
+    c.sdp.num_bands = 16
+    c.sdp.hidden = 32
+    c.sdp.ratio = 4
+    c.sdp.psf_size = 7
+    c.sdp.sizes = (16,)
+    c.sdp.chunk_steps = 2
+    c.sdp.train_batch = 64
+    c.sdp.train_pixels = 256
+    c.scdm.out_channels = 6
+    c.scdm.cond_channels = 3
+    c.scdm.chunk_steps = 2
+    c.scdm.unets = ml_collections.ConfigDict({
+        "tiny": _unet(8, (1, 2), (1,), 4),
+        "paper": _unet(8, (1, 2), (), 4),
+    })
+    c.scdm.sizes = ml_collections.ConfigDict({"tiny": 8, "paper": 8})
+    c.sampling.ddim_steps = 4
+    c.sampling.max_full_s = 0.5  # DDIM (4 steps) runs in full, DDPM (1000) is estimated
+    c.workloads = ("sdm_train,sdp_step_16,scdm_tiny,scdm_tiny_icmg,scdm_paper,scdm_paper_icmg,"
+                   "sample_tiny_ddim,sample_tiny_ddpm,sample_paper_ddim,sample_paper_ddpm")
+  return c

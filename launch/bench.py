@@ -1,0 +1,509 @@
+"""Speed benchmark of the SDP and SCDM workloads, JAX next to the PyTorch eager reference.
+
+  python -m launch.bench --config=configs/bench.py:cpu --workdir=workdirs/bench
+
+For every workload (see configs/bench.py): its shape, JAX compile seconds, steady-state
+seconds per step (median of `repeats` timed calls after `warmup` calls, each ending in
+block_until_ready), FLOPs per step (analytic from the shapes, from the jaxpr, and from XLA's
+cost analysis), achieved GFLOP/s and its fraction of the measured matmul peak, memory (XLA
+buffer sizes, resident-memory peak), and the same for the PyTorch eager reference
+(hsijax.torch_ref) with the JAX / PyTorch time ratio. Writes DIR/bench.json (rewritten after
+every workload, atomically) and prints a table.
+
+Timed code paths are the library's own: the SDP solver is `hsijax.sdp.solver.make_solver` run
+for `sdp.chunk_steps` outer steps (per-step time = total / chunk_steps), the training step is
+`hsijax.sdp.train.make_train_step`, SCDM steps are `hsijax.scdm.sampler.make_sampler` over a
+`scdm.chunk_steps`-step respaced schedule.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from hsijax import benchmarking as bm
+from hsijax import diffusion
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/bench.py:cpu", "Benchmark config (configs/bench.py:<preset>).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/bench", "Output folder for bench.json.")
+
+# Acceptance targets: JAX / PyTorch time ratio upper bounds, and matmul-peak fraction.
+RATIO_TARGETS = {"sdm_train": 0.5, "sdp_step": 0.5, "scdm": 0.8}
+PEAK_TARGET = {"sdp_step": 0.7}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def torch_ready(config) -> bool:
+  """True when the config asks for the PyTorch reference and torch imports."""
+  if not config.torch:
+    return False
+  try:
+    import torch  # noqa: F401
+    import hsijax.torch_ref  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def _time_jax(fn: Callable, *args: Any, config, per: int = 1) -> dict[str, Any]:
+  """bm.time_fn with RSS monitoring; times divided by `per` (steps per call)."""
+  with bm.RSSMonitor() as mon:
+    r = bm.time_fn(fn, *args, repeats=config.repeats, warmup=config.warmup)
+  r["call_s"] = r["step_s"]
+  r["step_s"] = r["step_s"] / per
+  r["times"] = [t / per for t in r["times"]]
+  r["steps_per_call"] = per
+  r["memory"] = dict(r["memory"] or {}, **mon.as_dict())
+  return r
+
+
+def _time_torch(fn: Callable[[], Any], *, config, per: int = 1) -> dict[str, Any]:
+  import torch
+  with torch.inference_mode(False), bm.RSSMonitor() as mon:
+    r = bm.time_torch(fn, repeats=config.repeats, warmup=config.warmup)
+  r["call_s"] = r["step_s"]
+  r["step_s"] = r["step_s"] / per
+  r["times"] = [t / per for t in r["times"]]
+  r["steps_per_call"] = per
+  r["memory"] = mon.as_dict()
+  return r
+
+
+def _finish(name: str, shape: dict, flops: dict, jax_r: dict, torch_r: dict | None,
+            peaks: dict) -> dict[str, Any]:
+  """Adds GFLOP/s, peak fractions and the JAX / PyTorch ratio to one workload's record."""
+  per_step = flops.get("analytic") or flops.get("jaxpr") or flops.get("xla")
+  flops["used"] = per_step
+  out = {"shape": shape, "flops_per_step": flops, "jax": jax_r, "torch": torch_r}
+  for fw, r in (("jax", jax_r), ("torch", torch_r)):
+    if r is None:
+      continue
+    r["gflops"] = bm.gflops(per_step, r["step_s"])
+    peak = (peaks.get(fw) or {}).get("gflops")
+    r["fraction_of_matmul_peak"] = r["gflops"] / peak if r["gflops"] and peak else None
+    r["fraction_of_jax_matmul_peak"] = \
+        r["gflops"] / peaks["jax"]["gflops"] if r["gflops"] else None
+  out["ratio_jax_over_torch"] = jax_r["step_s"] / torch_r["step_s"] if torch_r else None
+  return out
+
+
+def _total(fc) -> float:
+  return fc.total if isinstance(fc, bm.FlopCount) else float(fc)
+
+
+# --------------------------------------------------------------------------- SDP
+
+
+def _sdp_model(config):
+  from hsijax.sdp.denoiser import SpectralDenoiser
+  s = config.sdp
+  model = SpectralDenoiser(num_bands=s.num_bands, hidden=s.hidden, num_layers=s.num_layers,
+                           time_dim=s.time_dim)
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed),
+                               jnp.zeros((1, s.num_bands), jnp.float32), 0)
+  return model, params
+
+
+def _torch_denoiser(config, params):
+  from hsijax.torch_ref import load_flax_params
+  from hsijax.torch_ref.sdp import SpectralDenoiser
+  s = config.sdp
+  return load_flax_params(SpectralDenoiser(s.num_bands, s.hidden, s.num_layers, s.time_dim),
+                          params)
+
+
+def _sdp_scene(config, size: int):
+  """Random LR-HSI / HR-MSI of the right shapes, a Gaussian PSF and a row-normalised SRF."""
+  from hsijax import degrade
+  s = config.sdp
+  if size % s.ratio:
+    raise ValueError(f"sdp size {size} must be a multiple of sdp.ratio={s.ratio}")
+  rng = np.random.default_rng(config.seed)
+  h = size // s.ratio
+  y = rng.uniform(size=(h, h, s.num_bands)).astype(np.float32)
+  z = rng.uniform(size=(size, size, s.msi_bands)).astype(np.float32)
+  psf = np.asarray(degrade.gaussian_psf(s.ratio, s.psf_size), np.float32)
+  srf = rng.uniform(size=(s.msi_bands, s.num_bands)).astype(np.float32)
+  srf /= srf.sum(axis=1, keepdims=True)
+  return y, z, psf, srf
+
+
+def bench_sdm_train(config, peaks: dict, use_torch: bool) -> dict[str, Any]:
+  """One spectral-model training step: forward + full backward + Adam + EMA."""
+  from hsijax.sdp import train as sdp_train
+  s = config.sdp
+  model, _ = _sdp_model(config)
+  sched = diffusion.make_schedule("linear", 1000)
+  opt = sdp_train.make_optimizer(lr=1e-2, weight_decay=1e-6)
+  state = sdp_train.init_train_state(model, jax.random.PRNGKey(config.seed), opt)
+  rng = np.random.default_rng(config.seed)
+  pixels = rng.uniform(size=(s.train_pixels, s.num_bands)).astype(np.float32)
+  batch = jnp.asarray(pixels[:s.train_batch])
+  key = jax.random.PRNGKey(config.seed + 1)
+  step = jax.jit(sdp_train.make_train_step(model, sched, opt, 0.999))
+
+  flops = {
+      "analytic": _total(bm.sdp_train_step_flops(s.train_batch, s.num_bands, s.hidden,
+                                                 s.num_layers, s.time_dim)),
+      "analytic_matmul": bm.sdp_train_step_flops(s.train_batch, s.num_bands, s.hidden,
+                                                 s.num_layers, s.time_dim).matmul,
+      "jaxpr": bm.jaxpr_flops(step, state, batch, key),
+  }
+  jax_r = _time_jax(step, state, batch, key, config=config)
+  flops["xla"] = jax_r["xla_flops"]
+  torch_r = None
+  if use_torch:
+    from hsijax.torch_ref.sdp import SDMTrainer
+    trainer = SDMTrainer(_torch_denoiser(config, state.params), sched, pixels,
+                         batch=s.train_batch, seed=config.seed)
+    torch_r = _time_torch(trainer.step, config=config)
+  shape = {"batch": s.train_batch, "bands": s.num_bands, "hidden": s.hidden,
+           "layers": s.num_layers}
+  return _finish("sdm_train", shape, flops, jax_r, torch_r, peaks)
+
+
+def bench_sdp_step(config, size: int, peaks: dict, use_torch: bool) -> dict[str, Any]:
+  """One SDP solver timestep (K inner Adam steps on X) on a size x size x B scene."""
+  from hsijax.sdp import solver as sdp_solver
+  s = config.sdp
+  model, params = _sdp_model(config)
+  y, z, psf, srf = _sdp_scene(config, size)
+  chunk = int(s.chunk_steps)
+  sched = diffusion.make_respaced_schedule("linear", 1000, chunk)
+  solve = sdp_solver.make_solver(model, sched, lam=s.lam, gam=s.gam, lr=s.lr, K=s.K,
+                                 ratio=s.ratio)
+  key = jax.random.PRNGKey(config.seed)
+  args = (params, jnp.asarray(y), jnp.asarray(z), jnp.asarray(psf), jnp.asarray(srf), key)
+
+  analytic = bm.sdp_solver_step_flops(size, size, s.num_bands, s.msi_bands, s.psf_size,
+                                      s.ratio, s.K, s.hidden, s.num_layers, s.time_dim)
+  flops = {"analytic": analytic.total, "analytic_matmul": analytic.matmul,
+           "jaxpr": bm.jaxpr_flops(solve, *args) / chunk}
+  # XLA counts scan bodies once: take K x the cost of one inner gradient evaluation.
+  loss = functools.partial(sdp_solver.fusion_loss, model=model, schedule=sched, lam=s.lam,
+                           gam=s.gam, ratio=s.ratio)
+  eps = jnp.zeros((size, size, s.num_bands), jnp.float32)
+  grad_args = (jnp.ones_like(eps), params, *args[1:5], eps, jnp.int32(0))
+  inner, _, _ = bm.compile_fn(jax.grad(loss), *grad_args)
+  inner_xla = bm.xla_flops(inner)
+  flops["xla"] = s.K * inner_xla if inner_xla else None
+  flops["xla_note"] = "K x XLA cost analysis of one inner gradient (XLA counts loops once)"
+
+  jax_r = _time_jax(solve, *args, config=config, per=chunk)
+  jax_r["xla_flops_program"] = jax_r.pop("xla_flops")
+  torch_r = None
+  if use_torch:
+    from hsijax.torch_ref.sdp import SDPSolver
+    ref = SDPSolver(_torch_denoiser(config, params), diffusion.make_schedule("linear", 1000),
+                    y, z, psf, srf, ratio=s.ratio, lam=s.lam, gam=s.gam, lr=s.lr, K=s.K,
+                    seed=config.seed)
+    torch_r = _time_torch(lambda: ref.timestep(500), config=config)
+  shape = {"H": size, "W": size, "B": s.num_bands, "b": s.msi_bands, "ratio": s.ratio,
+           "psf": s.psf_size, "K": s.K, "hidden": s.hidden, "chunk_steps": chunk}
+  return _finish(f"sdp_step_{size}", shape, flops, jax_r, torch_r, peaks)
+
+
+# --------------------------------------------------------------------------- SCDM
+
+
+_SCDM_CACHE: dict[tuple, Any] = {}  # (id(config), unet) -> (model, params, cond); run() clears
+
+
+def _scdm_setup(config, unet: str):
+  """Builds (once per run) the U-Net, its initial params and a random condition."""
+  key = (id(config), unet)
+  if key not in _SCDM_CACHE:
+    _SCDM_CACHE[key] = _scdm_setup_uncached(config, unet)
+  return _SCDM_CACHE[key]
+
+
+def _scdm_setup_uncached(config, unet: str):
+  from hsijax.scdm.unet import CondUNet
+  c = config.scdm
+  u = c.unets[unet]
+  size, n = int(c.sizes[unet]), int(c.batch)
+  model = CondUNet(out_channels=c.out_channels, base=u.base,
+                   channel_mults=tuple(u.channel_mults), num_res_down=u.num_res_down,
+                   num_res_up=u.num_res_up, attn_levels=tuple(u.attn_levels),
+                   mid_attn=u.mid_attn, dropout=u.dropout, groups=u.groups)
+  rng = np.random.default_rng(config.seed)
+  cond = rng.standard_normal((n, size, size, c.cond_channels)).astype(np.float32)
+  x = jnp.zeros((n, size, size, c.out_channels), jnp.float32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), x, jnp.asarray(cond),
+                               jnp.zeros((n,), jnp.int32))
+  return model, params, cond
+
+
+def _torch_unet(config, unet: str, params):
+  from hsijax.torch_ref import load_flax_params
+  from hsijax.torch_ref.scdm import CondUNet
+  c = config.scdm
+  u = c.unets[unet]
+  m = CondUNet(c.out_channels, c.cond_channels, base=u.base,
+               channel_mults=tuple(u.channel_mults), num_res_down=u.num_res_down,
+               num_res_up=u.num_res_up, attn_levels=tuple(u.attn_levels),
+               mid_attn=u.mid_attn, dropout=u.dropout, groups=u.groups)
+  return load_flax_params(m, params).eval()
+
+
+def _jax_sampler(config, model, sched, method: str, icmg: bool):
+  from hsijax.scdm import sampler as scdm_sampler
+  c = config.scdm
+  fn = scdm_sampler.make_sampler(model, sched, method=method,
+                                 guidance_scale=c.guidance_scale if icmg else 0.0,
+                                 pdt_target=c.pdt_target, pdt_p_T=c.pdt_p_T)
+  return fn if hasattr(fn, "lower") else jax.jit(fn)
+
+
+def _torch_sampler(config, tmodel, sched, method: str, icmg: bool):
+  from hsijax.torch_ref.scdm import Sampler
+  c = config.scdm
+  return Sampler(tmodel, sched, method=method, guidance_scale=c.guidance_scale if icmg else 0.0,
+                 pdt_target=c.pdt_target, pdt_p_T=c.pdt_p_T, seed=config.seed)
+
+
+def _nchw(a: np.ndarray):
+  import torch
+  return torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).contiguous()
+
+
+def bench_scdm_step(config, unet: str, icmg: bool, peaks: dict,
+                    use_torch: bool) -> dict[str, Any]:
+  """One SCDM DDPM sampler step (U-Net forward, ICMG as a 2N batch when on, PDT, update)."""
+  c = config.scdm
+  model, params, cond = _scdm_setup(config, unet)
+  chunk = int(c.chunk_steps)
+  sched = diffusion.make_respaced_schedule("linear", 1000, chunk)
+  sample = _jax_sampler(config, model, sched, "ddpm", icmg)
+  key = jax.random.PRNGKey(config.seed)
+  cond_j = jnp.asarray(cond)
+  nb = cond.shape[0] * (2 if icmg else 1)
+  size = cond.shape[1]
+  xb = jnp.zeros((nb, size, size, c.out_channels), jnp.float32)
+  cb = jnp.zeros((nb, size, size, c.cond_channels), jnp.float32)
+  tb = jnp.zeros((nb,), jnp.int32)
+  fwd = lambda p, x, cc, t: model.apply(p, x, cc, t)
+  fwd_c, _, _ = bm.compile_fn(fwd, params, xb, cb, tb)
+  flops = {"analytic": bm.jaxpr_flops(fwd, params, xb, cb, tb),
+           "analytic_note": "dense FLOPs of one U-Net forward on the (2N if ICMG) batch, "
+                            "counted from its jaxpr shapes",
+           "jaxpr": bm.jaxpr_flops(sample, params, cond_j, key) / chunk,
+           "xla": bm.xla_flops(fwd_c),
+           "xla_note": "XLA cost analysis of one U-Net forward on the same batch"}
+  jax_r = _time_jax(sample, params, cond_j, key, config=config, per=chunk)
+  jax_r["xla_flops_program"] = jax_r.pop("xla_flops")
+  torch_r = None
+  if use_torch:
+    import torch
+    tm = _torch_unet(config, unet, params)
+    ref = _torch_sampler(config, tm, sched, "ddpm", icmg)
+    x0 = torch.randn((cond.shape[0], c.out_channels, size, size))
+    cond_t = _nchw(cond)
+    torch_r = _time_torch(lambda: ref.step(x0, cond_t, chunk - 1), config=config)
+  u = c.unets[unet]
+  from hsijax.scdm.unet import count_params
+  shape = {"N": int(cond.shape[0]), "H": size, "W": size, "C_out": c.out_channels,
+           "C_cond": c.cond_channels, "base": u.base, "channel_mults": list(u.channel_mults),
+           "icmg": icmg, "unet_batch": nb, "params": count_params(params),
+           "pdt": c.pdt_target, "chunk_steps": chunk}
+  return _finish(f"scdm_{unet}{'_icmg' if icmg else ''}", shape, flops, jax_r, torch_r, peaks)
+
+
+def bench_sample(config, unet: str, method: str, step: dict, use_torch: bool) -> dict[str, Any]:
+  """Full sampling (ICMG on): run when short enough, else estimated from the step time."""
+  c, sc = config.scdm, config.sampling
+  n = int(sc.ddim_steps if method == "ddim" else sc.ddpm_steps)
+  model, params, cond = _scdm_setup(config, unet)
+  sched = diffusion.make_respaced_schedule("linear", 1000, n)
+  out: dict[str, Any] = {"shape": {"steps": n, "method": method, "icmg": True,
+                                   **{k: step["shape"][k] for k in ("N", "H", "W", "C_out")}},
+                         "flops_total": step["flops_per_step"]["used"] * n}
+  for fw in ("jax", "torch"):
+    if fw == "torch" and (not use_torch or step["torch"] is None):
+      out[fw] = None
+      continue
+    per = step[fw]["step_s"]
+    predicted = per * n
+    rec: dict[str, Any] = {"per_step_s": per, "predicted_s": predicted}
+    if predicted <= sc.max_full_s:
+      if fw == "jax":
+        sample = _jax_sampler(config, model, sched, method, True)
+        compiled, _, comp = bm.compile_fn(sample, params, jnp.asarray(cond),
+                                          jax.random.PRNGKey(config.seed))
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, jnp.asarray(cond),
+                                       jax.random.PRNGKey(config.seed)))
+        rec.update(total_s=time.perf_counter() - t0, compile_s=comp, estimated=False)
+      else:
+        ref = _torch_sampler(config, _torch_unet(config, unet, params), sched, method, True)
+        t0 = time.perf_counter()
+        ref.sample(_nchw(cond), c.out_channels)
+        rec.update(total_s=time.perf_counter() - t0, compile_s=0.0, estimated=False)
+    else:
+      rec.update(total_s=predicted, estimated=True,
+                 note=f"estimated: {n} steps x the measured per-step time (a full run "
+                      f"would take > sampling.max_full_s = {sc.max_full_s} s)")
+    out[fw] = rec
+  out["ratio_jax_over_torch"] = out["jax"]["total_s"] / out["torch"]["total_s"] \
+      if out.get("torch") else None
+  return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _parse(workloads: str) -> list[str]:
+  names = [w.strip() for w in str(workloads).split(",") if w.strip()]
+  if not names:
+    raise ValueError("config.workloads is empty; list e.g. 'sdm_train,sdp_step_64'")
+  return names
+
+
+def run_workload(name: str, config, peaks: dict, use_torch: bool,
+                 done: dict[str, Any]) -> dict[str, Any]:
+  """Dispatches one workload by name (see configs/bench.py)."""
+  if name == "sdm_train":
+    return bench_sdm_train(config, peaks, use_torch)
+  if name.startswith("sdp_step_"):
+    return bench_sdp_step(config, int(name[len("sdp_step_"):]), peaks, use_torch)
+  if name.startswith("scdm_"):
+    rest = name[len("scdm_"):]
+    icmg = rest.endswith("_icmg")
+    unet = rest[:-len("_icmg")] if icmg else rest
+    if unet not in config.scdm.unets:
+      raise ValueError(f"unknown U-Net {unet!r} in workload {name!r}; "
+                       f"configure it under scdm.unets ({list(config.scdm.unets)})")
+    return bench_scdm_step(config, unet, icmg, peaks, use_torch)
+  if name.startswith("sample_"):
+    unet, _, method = name[len("sample_"):].rpartition("_")
+    if method not in ("ddim", "ddpm") or unet not in config.scdm.unets:
+      raise ValueError(f"bad workload {name!r}; use sample_<unet>_<ddim|ddpm> with <unet> in "
+                       f"{list(config.scdm.unets)}")
+    step_name = f"scdm_{unet}_icmg"
+    if step_name not in done:
+      done[step_name] = bench_scdm_step(config, unet, True, peaks, use_torch)
+    return bench_sample(config, unet, method, done[step_name], use_torch)
+  raise ValueError(f"unknown workload {name!r}; see the list in configs/bench.py")
+
+
+def check_targets(results: dict[str, Any]) -> dict[str, Any]:
+  """Which acceptance targets (ratio and peak fraction) each workload meets."""
+  out = {}
+  for name, r in results.items():
+    group = "sdp_step" if name.startswith("sdp_step") else \
+        "scdm" if name.startswith("scdm_") else name
+    rec = {}
+    ratio = r.get("ratio_jax_over_torch")
+    if group in RATIO_TARGETS and ratio is not None:
+      rec["ratio"] = {"value": ratio, "target": RATIO_TARGETS[group],
+                      "met": ratio <= RATIO_TARGETS[group]}
+    if group in PEAK_TARGET and r.get("jax"):
+      frac = r["jax"].get("fraction_of_matmul_peak")
+      if frac is not None:
+        rec["peak_fraction"] = {"value": frac, "target": PEAK_TARGET[group],
+                                "met": frac >= PEAK_TARGET[group]}
+    if rec:
+      out[name] = rec
+  return out
+
+
+def _fmt(v, spec: str = "{:.3g}") -> str:
+  return "-" if v is None else spec.format(v)
+
+
+def format_table(record: dict[str, Any]) -> str:
+  """Plain-text table of a bench.json record."""
+  head = (f"{'workload':<20}{'compile s':>10}{'jax s/step':>12}{'torch s/step':>13}"
+          f"{'jax/torch':>10}{'GFLOP/step':>11}{'jax GF/s':>9}{'torch GF/s':>11}"
+          f"{'%peak':>7}{'XLA MB':>8}")
+  lines = [head, "-" * len(head)]
+  for name, r in record["workloads"].items():
+    if "flops_per_step" in r:
+      j, t = r["jax"], r.get("torch")
+      frac = j.get("fraction_of_matmul_peak")
+      mem = (j.get("memory") or {}).get("peak")
+      lines.append(
+          f"{name:<20}{_fmt(j['compile_s'], '{:.1f}'):>10}{_fmt(j['step_s']):>12}"
+          f"{_fmt(t and t['step_s']):>13}{_fmt(r.get('ratio_jax_over_torch'), '{:.2f}'):>10}"
+          f"{_fmt(r['flops_per_step']['used'] / 1e9):>11}{_fmt(j.get('gflops'), '{:.1f}'):>9}"
+          f"{_fmt(t and t.get('gflops'), '{:.1f}'):>11}"
+          f"{_fmt(frac and 100 * frac, '{:.0f}'):>7}{_fmt(mem and mem / 2**20, '{:.0f}'):>8}")
+    else:  # full sampling
+      j, t = r["jax"], r.get("torch")
+      est = lambda x: "" if x is None or not x.get("estimated") else " (est.)"
+      lines.append(f"{name:<20}{'total':>10}{_fmt(j['total_s']) + est(j):>12}"
+                   f"{_fmt(t and t['total_s']) + est(t):>13}"
+                   f"{_fmt(r.get('ratio_jax_over_torch'), '{:.2f}'):>10}"
+                   f"{_fmt(r['flops_total'] / 1e9):>11}")
+  pk = record["matmul_peak"]
+  lines.append(f"matmul peak ({pk['jax']['n']}^3 float32): JAX {pk['jax']['gflops']:.1f} GFLOP/s"
+               + (f", torch {pk['torch']['gflops']:.1f} GFLOP/s" if pk.get("torch") else ""))
+  return "\n".join(lines)
+
+
+def run(config, workdir) -> dict[str, Any]:
+  """Runs every configured workload; returns (and writes) the bench.json record."""
+  use_torch = torch_ready(config)
+  if use_torch:
+    from hsijax import torch_ref
+    torch_ref.set_threads(config.torch_threads or None)
+  names = _parse(config.workloads)
+  record: dict[str, Any] = {
+      "config": common.config_to_dict(config),
+      "machine": bm.machine_info(),
+      "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "torch_reference": use_torch,
+  }
+  peaks = {"jax": bm.measure_matmul_peak(config.matmul_n, repeats=config.repeats)}
+  peaks["torch"] = bm.measure_torch_matmul_peak(config.matmul_n, repeats=config.repeats) \
+      if use_torch else None
+  record["matmul_peak"] = peaks
+  record["workloads"] = {}
+  path = os.path.join(workdir, "bench.json")
+  done: dict[str, Any] = {}
+  t_start = time.perf_counter()
+  for name in names:
+    common.log(f"[bench] {name} ...")
+    t0 = time.perf_counter()
+    if name not in done:
+      done[name] = run_workload(name, config, peaks, use_torch, done)
+    record["workloads"][name] = done[name]
+    record["workloads"][name]["wall_s"] = time.perf_counter() - t0
+    record["targets"] = check_targets(record["workloads"])
+    common.write_json(path, record)
+  _SCDM_CACHE.clear()
+  record["wall_s"] = time.perf_counter() - t_start
+  record["machine"]["loadavg_end"] = os.getloadavg()
+  record["targets"] = check_targets(record["workloads"])
+  common.write_json(path, record)
+  return record
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  workdir = common.setup(_WORKDIR.value)
+  record = run(config, str(workdir))
+  common.log(format_table(record))
+  for name, t in record["targets"].items():
+    for kind, v in t.items():
+      common.log(f"target {name} {kind}: {v['value']:.3f} (target "
+                 f"{'<=' if kind == 'ratio' else '>='} {v['target']}) "
+                 f"{'met' if v['met'] else 'NOT met'}")
+  common.log(f"wrote {workdir / 'bench.json'}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,133 @@
+"""Tests for hsijax.benchmarking (FLOP counters, timing harness) and launch.bench (bench.json)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hsijax import benchmarking as bm
+
+
+def test_denoiser_flops_hand_count():
+  # B = 103, H = 512, L = 5: layer 0 is 103 -> 512, layers 1-3 are (512 + 103) -> 512,
+  # layer 4 is (512 + 103) -> 103; 2 FLOPs per multiply-add.
+  hand = 2 * 103 * 512 + 3 * 2 * 615 * 512 + 2 * 615 * 103
+  assert hand == 2_121_442
+  assert bm.denoiser_flops(103).matmul == hand
+  # Time condition once per call: 64 -> B, B -> B, and 4 condition layers B -> H.
+  assert bm.denoiser_time_flops(103).matmul == 2 * (64 * 103 + 103 * 103 + 4 * 103 * 512)
+  # Two layers: input and output only.
+  assert bm.denoiser_flops(7, hidden=5, num_layers=2).matmul == 2 * 7 * 5 + 2 * 12 * 7
+
+
+def test_denoiser_flops_match_jaxpr_and_param_count():
+  from hsijax.sdp.denoiser import SpectralDenoiser, count_params
+  B, H, N = 12, 32, 40
+  model = SpectralDenoiser(B, hidden=H)
+  x = jnp.ones((N, B))
+  params = model.init(jax.random.PRNGKey(0), x, 3)
+  counted = bm.jaxpr_flops(lambda p, x: model.apply(p, x, 3), params, x)
+  expect = N * bm.denoiser_flops(B, H).matmul + bm.denoiser_time_flops(B, H).matmul
+  assert counted == expect
+  assert bm.sdp_param_count(B, H) == count_params(params)
+
+
+def test_sdp_train_step_flops_match_jaxpr():
+  from hsijax import diffusion
+  from hsijax.sdp import train as sdp_train
+  from hsijax.sdp.denoiser import SpectralDenoiser
+  B, H, N = 10, 24, 16
+  model = SpectralDenoiser(B, hidden=H)
+  opt = sdp_train.make_optimizer()
+  state = sdp_train.init_train_state(model, jax.random.PRNGKey(0), opt)
+  step = sdp_train.make_train_step(model, diffusion.make_schedule("linear", 100), opt)
+  counted = bm.jaxpr_flops(step, state, jnp.ones((N, B)), jax.random.PRNGKey(1))
+  analytic = bm.sdp_train_step_flops(N, B, H).matmul
+  assert counted == pytest.approx(analytic, rel=1e-9)
+
+
+def test_jaxpr_flops_scan_and_conv():
+  a = jnp.ones((8, 6))
+  b = jnp.ones((6, 5))
+  assert bm.jaxpr_flops(lambda a, b: a @ b, a, b) == 2 * 8 * 6 * 5
+
+  def looped(a, c):
+    return jax.lax.scan(lambda h, _: (h @ c, None), a, None, length=7)[0]
+  c = jnp.ones((6, 6))
+  assert bm.jaxpr_flops(looped, a, c) == 7 * 2 * 8 * 6 * 6
+
+  # Depthwise 3x3 conv, stride 2, 4 channels on 10 x 10: 5 x 5 outputs x 4 x 9 MACs.
+  x = jnp.ones((1, 10, 10, 4))
+  w = jnp.ones((3, 3, 1, 4))
+  conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=4)
+  assert bm.jaxpr_flops(conv, x, w) == 2 * 25 * 4 * 9
+  # jax.grad = the forward conv + the input gradient, a transposed conv (input dilated by
+  # the stride) doing the same useful multiply-adds as the forward.
+  grad = jax.grad(lambda x: conv(x, w).sum())
+  assert bm.jaxpr_flops(grad, x) == 2 * (2 * 25 * 4 * 9)
+
+
+def test_xla_flops_of_matmul():
+  a = jnp.ones((32, 16))
+  b = jnp.ones((16, 8))
+  compiled, lower_s, compile_s = bm.compile_fn(lambda a, b: a @ b, a, b)
+  assert lower_s >= 0 and compile_s >= 0
+  flops = bm.xla_flops(compiled)
+  if flops is not None:  # cost analysis is backend-dependent
+    assert flops == pytest.approx(2 * 32 * 16 * 8, rel=0.01)
+
+
+def test_time_fn_fields():
+  a = jnp.arange(64.0).reshape(8, 8)
+  r = bm.time_fn(lambda a: jnp.tanh(a @ a), a, repeats=5, warmup=2)
+  assert r["compile_s"] >= 0 and r["lower_s"] >= 0
+  assert len(r["times"]) == 5 and all(t > 0 for t in r["times"])
+  assert r["step_s"] == np.median(r["times"])
+  assert r["memory"] is None or r["memory"]["peak"] >= 2 * 8 * 8 * 4
+  with pytest.raises(ValueError, match="repeats"):
+    bm.time_fn(lambda a: a, a, repeats=0)
+
+
+def test_time_torch_fields():
+  calls = []
+  r = bm.time_torch(lambda: calls.append(1), repeats=4, warmup=3)
+  assert len(calls) == 7
+  assert r["step_s"] == np.median(r["times"]) and r["compile_s"] == 0.0
+
+
+def test_rss_monitor_sees_allocation():
+  if bm.current_rss_bytes() is None:
+    pytest.skip("no /proc/self/statm on this platform")
+  with bm.RSSMonitor(interval_s=0.001) as mon:
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    big += 1.0
+    import time
+    time.sleep(0.05)
+  assert mon.delta_bytes >= 32 * 2**20
+  assert mon.as_dict()["max_rss_process"] >= mon.peak_bytes // 2
+  del big
+
+
+def test_solver_step_flops_scale():
+  base = bm.sdp_solver_step_flops(64, 64, 103, 4, 15, 8, K=3)
+  big = bm.sdp_solver_step_flops(128, 128, 103, 4, 15, 8, K=3)
+  # Dominated by the per-pixel network: 4x the pixels is ~4x the work.
+  assert big.matmul / base.matmul == pytest.approx(4.0, rel=1e-3)
+  # K x (forward + input gradient) of the denoiser is the bulk of the matmul FLOPs.
+  net = 3 * 2 * 64 * 64 * bm.denoiser_flops(103).matmul
+  assert 0.95 < net / base.matmul < 1.0
+  with pytest.raises(ValueError, match="ratio"):
+    bm.sdp_solver_step_flops(60, 60, 103, 4, 15, 8)
+
+
+def test_bench_config_presets():
+  from configs import bench as bench_cfg
+  for p in bench_cfg.PRESETS:
+    c = bench_cfg.get_config(p)
+    assert c.repeats >= 1 and c.workloads
+  assert bench_cfg.get_config("cpu").repeats >= 5
+  with pytest.raises(ValueError, match="preset"):
+    bench_cfg.get_config("nope")
