@@ -1,0 +1,171 @@
+"""SDP fusion solver: Algorithm 1 of the paper as one jitted program (SPEC section 3).
+
+X (H, W, B) is the optimisation variable. For every schedule position i = n-1, ..., 0 and
+K inner steps:
+
+  eps ~ N(0, I) per pixel                            (from fold_in(fold_in(key, i), k))
+  x_t  = sqrt(abar_i) X + sqrt(1 - abar_i) eps
+  loss = lam * sum((blur_down(X) - Y)^2) + sum((R X - Z)^2)
+         + gam * sum((eps_theta(x_t, t_i) - eps)^2)
+  g    = d loss / d X + weight_decay * X             (torch Adam's L2 term)
+  X    = clip(Adam(X, g), 0, 1);   X_ema = ema_decay * X_ema + (1 - ema_decay) X
+
+The gradient reaches X through the data terms and through x_t; the network is frozen (the
+loss is differentiated w.r.t. X only, so no weight gradients are ever computed). One Adam
+state persists over the whole loop, so its bias-correction count runs over all n * K steps.
+The output is X_ema. gam = 0 is the paper's "Baseline" (the network is never evaluated).
+
+Outer loop: lax.scan over positions (with a progress tick); inner: lax.scan over K. The whole
+solve is one jax.jit; batches of scenes / tiles are `jax.vmap(solve, in_axes=(None, 0, 0,
+None, None, 0))` (or `make_batched_solver`).
+
+Respaced runs (n < T outer steps, `diffusion.make_respaced_schedule`): see
+`respaced_settings` for the measured default (upsampled-LR-HSI init and a larger Adam lr).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsijax import degrade, diffusion, progress
+from hsijax.sdp.denoiser import SpectralDenoiser
+
+INITS = ("ones", "upsample")
+
+
+def fusion_loss(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.Array,
+                srf: jax.Array, eps: jax.Array, i: jax.Array, *, model: SpectralDenoiser,
+                schedule: diffusion.Schedule, lam: float, gam: float, ratio: int
+                ) -> jax.Array:
+  """The SDP objective at schedule position `i` (sums, not means).
+
+  Args:
+    X: (H, W, B) current estimate.
+    params: frozen denoiser variables.
+    y: (H / ratio, W / ratio, B) LR-HSI.  z: (H, W, b) HR-MSI.
+    psf: (k, k).  srf: (b, B).
+    eps: (H, W, B) the noise of this inner step.
+    i: scalar schedule position (the network sees schedule.timesteps[i]).
+
+  Returns:
+    Scalar loss.
+  """
+  B = X.shape[-1]
+  fid_y = jnp.sum((degrade.blur_down(X, psf, ratio) - y) ** 2)
+  fid_z = jnp.sum((degrade.spectral_response(X, srf) - z) ** 2)
+  loss = lam * fid_y + fid_z
+  if isinstance(gam, (int, float)) and gam == 0:
+    return loss  # Baseline: the prior term (and the network) drops out entirely.
+  x_t = diffusion.q_sample(schedule, X, i, eps)
+  pred = model.apply(params, x_t.reshape(-1, B), schedule.timesteps[i])
+  return loss + gam * jnp.sum((pred - eps.reshape(-1, B)) ** 2)
+
+
+def initial_x(y: jax.Array, shape: tuple[int, int, int], init: str, ratio: int) -> jax.Array:
+  """X at the start: "ones" (the paper) or "upsample" (the LR-HSI upsampled, clipped to [0, 1])."""
+  if init == "ones":
+    return jnp.ones(shape, jnp.float32)
+  if init == "upsample":
+    return jnp.clip(degrade.upsample(y, ratio), 0.0, 1.0).astype(jnp.float32)
+  raise ValueError(f"unknown init {init!r}; use one of {INITS}")
+
+
+def _check_shapes(y, z, psf, srf, ratio: int, num_bands: int | None) -> None:
+  if y.ndim != 3 or z.ndim != 3:
+    raise ValueError(f"y must be (h, w, B) and z (H, W, b); got {y.shape} and {z.shape}")
+  h, w, B = y.shape
+  H, W, b = z.shape
+  if (H, W) != (h * ratio, w * ratio):
+    raise ValueError(f"z is {H} x {W} but y is {h} x {w} with ratio {ratio}; the HR-MSI must "
+                     f"be exactly ratio times the LR-HSI ({h * ratio} x {w * ratio})")
+  if srf.shape != (b, B):
+    raise ValueError(f"srf must be (b, B) = ({b}, {B}), got {srf.shape}")
+  if psf.ndim != 2 or psf.shape[0] != psf.shape[1] or psf.shape[0] % 2 == 0:
+    raise ValueError(f"psf must be a square (k, k) kernel with odd k, got {psf.shape}")
+  if num_bands is not None and num_bands != B:
+    raise ValueError(f"the denoiser was built for {num_bands} bands but y has {B}; train "
+                     "the spectral model on pixels of this sensor")
+
+
+def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: float,
+                gam: float, lr: float, K: int = 3, weight_decay: float = 1e-6,
+                ema_decay: float = 0.9, init: str = "ones", ratio: int,
+                betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8,
+                progress_every: int = 10) -> Callable[..., jax.Array]:
+  """Builds the jitted SDP solve.
+
+  Args:
+    model: the spectral denoiser (its params are an argument of `solve`).
+    schedule: full or respaced schedule; the outer loop visits positions n-1 .. 0.
+    lam, gam: weights of the LR-HSI fidelity and of the diffusion prior (gam = 0: Baseline).
+    lr: Adam learning rate on X (paper: 1e-3 PaviaU / KSC, 2.5e-3 DC, 8e-3 real data).
+    K: Adam steps per timestep.
+    weight_decay: torch-style L2 added to the gradient.
+    ema_decay: EMA of X (the output).
+    init: "ones" or "upsample".
+    ratio: spatial ratio between z and y.
+    betas, adam_eps: Adam constants (torch defaults).
+    progress_every: progress tick every this many outer steps.
+
+  Returns:
+    solve(params, y (h, w, B), z (H, W, b), psf (k, k), srf (b, B), key) -> X (H, W, B),
+    a jitted function (one XLA program for the whole loop).
+  """
+  if init not in INITS:
+    raise ValueError(f"unknown init {init!r}; use one of {INITS}")
+  if K < 1:
+    raise ValueError(f"K must be >= 1, got {K}")
+  if int(ratio) != ratio or ratio < 1:
+    raise ValueError(f"ratio must be a positive integer, got {ratio}")
+  ratio = int(ratio)
+  n = schedule.num_steps
+  b1, b2 = betas
+  loss_fn = functools.partial(fusion_loss, model=model, schedule=schedule, lam=lam, gam=gam,
+                              ratio=ratio)
+  grad_fn = jax.grad(loss_fn)  # w.r.t. X only; params are closed-over constants of the grad
+
+  def solve(params, y, z, psf, srf, key):
+    y, z = jnp.asarray(y, jnp.float32), jnp.asarray(z, jnp.float32)
+    psf, srf = jnp.asarray(psf, jnp.float32), jnp.asarray(srf, jnp.float32)
+    _check_shapes(y, z, psf, srf, ratio, getattr(model, "num_bands", None))
+    shape = z.shape[:2] + y.shape[-1:]
+    x0 = initial_x(y, shape, init, ratio)
+
+    def inner(carry, k, i, step0):
+      x, m, v, x_ema = carry
+      eps = jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), k), shape,
+                              jnp.float32)
+      g = grad_fn(x, params, y, z, psf, srf, eps, i) + weight_decay * x
+      count = (step0 + k + 1).astype(jnp.float32)
+      m = b1 * m + (1.0 - b1) * g
+      v = b2 * v + (1.0 - b2) * g * g
+      # torch: p -= lr / (1 - b1^c) * m / (sqrt(v) / sqrt(1 - b2^c) + eps)
+      denom = jnp.sqrt(v) / jnp.sqrt(1.0 - b2 ** count) + adam_eps
+      x = jnp.clip(x - (lr / (1.0 - b1 ** count)) * m / denom, 0.0, 1.0)
+      x_ema = ema_decay * x_ema + (1.0 - ema_decay) * x
+      return (x, m, v, x_ema), None
+
+    def outer(carry, j):
+      i = n - 1 - j
+      carry, _ = jax.lax.scan(
+          lambda c, k: inner(c, k, i, j * K), carry, jnp.arange(K))
+      progress.tick(j + 1, every=progress_every)
+      return carry, None
+
+    zeros = jnp.zeros(shape, jnp.float32)
+    carry = (x0, zeros, zeros, x0)
+    (_, _, _, x_ema), _ = jax.lax.scan(outer, carry, jnp.arange(n))
+    return x_ema
+
+  return jax.jit(solve)
+
+
+def make_batched_solver(*args, **kwargs) -> Callable[..., jax.Array]:
+  """Like make_solver, but solve(params, y (S, h, w, B), z (S, H, W, b), psf, srf,
+  keys (S,)) solves S scenes / tiles at once (vmap inside one jit; shared psf / srf)."""
+  solve = make_solver(*args, **kwargs)
+  return jax.jit(jax.vmap(solve, in_axes=(None, 0, 0, None, None, 0)))
