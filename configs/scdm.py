@@ -1,0 +1,197 @@
+"""SCDM (RGB -> HSI by a spectral cascade of conditional diffusion models): presets.
+
+`get_config(arg)` takes a comma-separated option string: one preset plus optional modifiers,
+e.g. "tiny", "paper_houston", "tiny,stages=1".
+
+Presets:
+  paper_houston       IEEE GRSS DFC 2018 Houston as in the paper: N = 48 bands, 2 stages
+                      (12 then 48 bands), U-Net base 128, mults (1, 2, 2, 2, 2, 2, 2), 256 x 256
+                      crops, batch 4, 100k steps, Adam lr 1e-4, EMA 0.9999 after 2k steps, L1 +
+                      SAM loss (weight 1), condition dropped with p = 0.1. Sampling: T = 1000
+                      DDPM; stage 1 PDT (p_T 0.96), no guidance; stage 2 PDT (p_T 0.88) + ICMG.
+                      Normalisation (x - 3693) / 7410 (the authors' code).
+  paper_pavia_centre  Pavia Centre: N = 102 (17 then 102 bands), PDT p_T 0.97 / 0.90,
+                      normalisation mean / std measured on the training data.
+  tiny                CPU-sized: base 16, mults (1, 2, 2), 32 x 32 crops, batch 8, 3000 steps,
+                      T = 1000 but DDIM with 50 steps for sampling; data-derived normalisation.
+Modifiers:
+  stages=1|2|3        number of cascade stages (default 2, the paper's best). One stage makes
+                      all N bands straight from RGB; three stages go N/4 -> N/2 -> N roughly.
+
+ICMG scale of stage 2: the paper gives s = 2.5 for a guided first stage and only says "lower"
+for the second; its best setting guides only stage 2. We use s = 1.0 there
+(`eps_hat = eps_c + 1.0 * (eps_c - eps_0)`, i.e. twice the conditional direction); override with
+`--config.stages[1].guidance_scale=...`.
+
+Fields read by the launch scripts:
+  seed, mesh                  as in every hsijax config.
+  stage                       "all" | "0" | "1" | "2": which stage(s) `train_scdm` trains.
+  stages[k]                   per-stage sampling settings: guidance_scale (0 = no ICMG),
+                              pdt_target ("eps" = paper, "x" = authors' code, "none" = off),
+                              pdt_p_T (percentile at t = T; 1.0 = no truncation).
+  data.path / data.key        training cube FILE[:KEY] (H, W, N) in original units.
+  data.rgb                    sampling input FILE[:KEY] (H, W, 3); "" = the RGB bands
+                              `data.rgb_bands` of the cube at data.path (test quadrant if split).
+  data.reference              optional reference FILE[:KEY] (H, W, N) for metrics; with
+                              split="quadrant" and no rgb/reference, the held-out quadrant is it.
+  data.split                  "none" (train on the whole cube) | "quadrant" (train on three
+                              quadrants, hold out `data.test_quadrant`: 0 TL, 1 TR, 2 BL, 3 BR).
+  data.norm_mean / norm_std   scalar normalisation (x - mean) / std; None = from training data.
+
+Launch commands (run from the repository root):
+  # CPU-sized end to end on the Houston crop (three quadrants train, the fourth is sampled):
+  python -m launch.train_scdm --config=configs/scdm.py:tiny \
+      --config.data.path=../shared/data/cubes/houston2018_crop.npz:cube \
+      --config.data.split=quadrant --workdir=workdirs/scdm_tiny
+  python -m launch.sample_scdm --config=configs/scdm.py:tiny \
+      --config.data.path=../shared/data/cubes/houston2018_crop.npz:cube \
+      --config.data.split=quadrant --workdir=workdirs/scdm_tiny
+  # Only the second stage (e.g. on another host), then sampling from the user's own RGB:
+  python -m launch.train_scdm --config=configs/scdm.py:paper_houston --config.stage=1 \
+      --config.data.path=/data/houston_train.npz:cube --workdir=workdirs/scdm_houston
+  python -m launch.sample_scdm --config=configs/scdm.py:paper_houston \
+      --config.data.rgb=/data/scene_rgb.npz:rgb --workdir=workdirs/scdm_houston
+  # Acceptance experiment (1 stage vs 2 stages vs 2 stages + PDT/ICMG vs linear baseline):
+  python -m launch.evaluate_scdm --config=configs/scdm.py:tiny --workdir=workdirs/scdm_eval
+"""
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+from ml_collections import config_dict
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_HOUSTON = _REPO.parent / "shared" / "data" / "cubes" / "houston2018_crop.npz"
+
+PRESETS = ("paper_houston", "paper_pavia_centre", "tiny")
+
+
+def stage_settings(guidance_scale: float = 0.0, pdt_target: str = "eps",
+                   pdt_p_T: float = 1.0) -> ml_collections.ConfigDict:
+  """Sampling settings of one cascade stage."""
+  return ml_collections.ConfigDict({
+      "guidance_scale": float(guidance_scale),
+      "pdt_target": pdt_target,
+      "pdt_p_T": float(pdt_p_T),
+  })
+
+
+def _default_stages(num_stages: int, p_first: float, p_last: float,
+                    guidance_last: float) -> list[ml_collections.ConfigDict]:
+  """Paper's best setting: PDT in every stage, ICMG only in the last (full-band) stage."""
+  if num_stages == 1:
+    # One model makes all N bands: the full-band stage's truncation and guidance.
+    return [stage_settings(guidance_last, "eps", p_last)]
+  ps = [p_first + (p_last - p_first) * k / (num_stages - 1) for k in range(num_stages)]
+  return [stage_settings(guidance_last if k == num_stages - 1 else 0.0, "eps", round(p, 4))
+          for k, p in enumerate(ps)]
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the SCDM config for `arg` = "<preset>[,stages=K]" (default "tiny")."""
+  tokens = [t.strip() for t in (arg or "tiny").split(",") if t.strip()]
+  presets = [t for t in tokens if t in PRESETS]
+  others = [t for t in tokens if t not in PRESETS]
+  num_stages = 2
+  for t in others:
+    if t.startswith("stages=") and t[len("stages="):] in ("1", "2", "3"):
+      num_stages = int(t[len("stages="):])
+    else:
+      presets = []  # Force the error below.
+  if len(presets) != 1:
+    raise ValueError(f"bad SCDM config option {arg!r}: give exactly one preset of {PRESETS}, "
+                     "optionally with ',stages=1|2|3' (e.g. 'configs/scdm.py:tiny,stages=1')")
+  preset = presets[0]
+
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  c.seed = 0
+  c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
+  c.stage = "all"  # train_scdm: "all" trains every stage in turn, "k" only stage k.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""        # training cube FILE[:KEY], (H, W, N) original units
+  c.data.key = ""         # array name when data.path has no ":KEY" ("" = auto)
+  c.data.num_bands = 48   # N; checked against the data
+  c.data.rgb = ""         # sampling input FILE[:KEY], (H, W, 3); "" = RGB bands of the cube
+  c.data.rgb_bands = (4, 11, 22)  # 0-based HSI bands forming R, G, B (paper: bands 23, 12, 5)
+  c.data.reference = ""   # optional reference FILE[:KEY] for metrics at sampling time
+  c.data.split = "none"   # "none" | "quadrant"
+  c.data.test_quadrant = 3  # held-out quadrant for split="quadrant": 0 TL, 1 TR, 2 BL, 3 BR
+  c.data.norm_mean = config_dict.placeholder(float)  # None -> mean of the training cube
+  c.data.norm_std = config_dict.placeholder(float)   # None -> std of the training cube
+
+  c.model = ml_collections.ConfigDict()
+  c.model.base = 128
+  c.model.channel_mults = (1, 2, 2, 2, 2, 2, 2)
+  c.model.num_res_down = 2
+  c.model.num_res_up = 3
+  c.model.attn_levels = (3,)  # 16 x 16 for 256 x 256 inputs (the authors' code)
+  c.model.mid_attn = True
+  c.model.dropout = 0.1
+  c.model.groups = 32
+  c.model.cond_rgb = False  # later stages: also condition on the RGB input (off = paper)
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = "linear"
+  c.diffusion.num_timesteps = 1000
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100_000
+  c.train.batch = 4
+  c.train.crop = 256
+  c.train.lr = 1e-4
+  c.train.ema_decay = 0.9999
+  c.train.ema_start = 2000
+  c.train.loss_type = "l1"  # authors' code; the paper text says "mse"
+  c.train.sam_weight = 1.0
+  c.train.cond_drop = 0.1
+  c.train.log_every = 100
+  c.train.checkpoint_every = 5000
+  c.train.max_to_keep = 2
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.method = "ddpm"   # "ddpm" (ancestral, sigma^2 = beta) | "ddim"
+  c.sample.num_steps = config_dict.placeholder(int)  # None -> every one of the T steps
+  c.sample.respacing = "uniform"
+  c.sample.eta = 0.0         # DDIM only
+  c.sample.tile = 256        # inputs larger than this are cut into tile x tile pieces
+  c.sample.tiles_per_call = 8  # tiles sampled together (sharded over "data")
+  c.sample.use_ema = True
+
+  if preset == "paper_houston":
+    c.data.num_bands = 48
+    c.data.norm_mean = 3693.0
+    c.data.norm_std = 7410.0
+    c.stages = _default_stages(num_stages, 0.96, 0.88, 1.0)
+  elif preset == "paper_pavia_centre":
+    c.data.num_bands = 102
+    c.stages = _default_stages(num_stages, 0.97, 0.90, 1.0)
+  elif preset == "tiny":
+    c.data.path = str(_HOUSTON) + ":cube" if _HOUSTON.is_file() else ""
+    c.data.num_bands = 48
+    c.model.base = 16
+    c.model.channel_mults = (1, 2, 2)
+    c.model.attn_levels = ()
+    c.model.mid_attn = True
+    c.model.dropout = 0.0
+    c.model.groups = 8
+    c.train.steps = 3000
+    c.train.batch = 8
+    c.train.crop = 32
+    c.train.lr = 1e-3
+    c.train.ema_decay = 0.999
+    c.train.ema_start = 200
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.sample.method = "ddim"
+    c.sample.num_steps = 50
+    c.sample.tile = 64
+    c.stages = _default_stages(num_stages, 0.96, 0.88, 1.0)
+  return c
+
+
+def split_stage_list(config) -> list[dict]:
+  """The per-stage settings as plain dicts (ml_collections leaves ConfigDicts in lists)."""
+  return [dict(s.to_dict() if hasattr(s, "to_dict") else s) for s in config.stages]
