@@ -26,7 +26,7 @@ def test_denoiser_flops_match_jaxpr_and_param_count():
   B, H, N = 12, 32, 40
   model = SpectralDenoiser(B, hidden=H)
   x = jnp.ones((N, B))
-  params = model.init(jax.random.PRNGKey(0), x, 3)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, 3)  # shapes suffice
   counted = bm.jaxpr_flops(lambda p, x: model.apply(p, x, 3), params, x)
   expect = N * bm.denoiser_flops(B, H).matmul + bm.denoiser_time_flops(B, H).matmul
   assert counted == expect
@@ -40,9 +40,11 @@ def test_sdp_train_step_flops_match_jaxpr():
   B, H, N = 10, 24, 16
   model = SpectralDenoiser(B, hidden=H)
   opt = sdp_train.make_optimizer()
-  state = sdp_train.init_train_state(model, jax.random.PRNGKey(0), opt)
+  state = jax.eval_shape(lambda k: sdp_train.init_train_state(model, k, opt),
+                         jax.random.PRNGKey(0))
   step = sdp_train.make_train_step(model, diffusion.make_schedule("linear", 100), opt)
-  counted = bm.jaxpr_flops(step, state, jnp.ones((N, B)), jax.random.PRNGKey(1))
+  counted = bm.jaxpr_flops(step, state, jax.ShapeDtypeStruct((N, B), jnp.float32),
+                          jax.random.PRNGKey(1))
   analytic = bm.sdp_train_step_flops(N, B, H).matmul
   assert counted == pytest.approx(analytic, rel=1e-9)
 

@@ -116,7 +116,8 @@ class SDMTrainer:
 
 
 def blur_down(x: torch.Tensor, psf_weight: torch.Tensor, ratio: int) -> torch.Tensor:
-  """(1, B, H, W) -> (1, B, H/r, W/r): per-band strided conv, zero padding (k-1)/2."""
+  """(1, B, H, W) -> (1, B, H/r, W/r): per-band strided correlation with psf_weight
+  (B, 1, k, k), zero padding (k-1)/2 (pass the flipped PSF for a true convolution)."""
   k = psf_weight.shape[-1]
   return F.conv2d(x, psf_weight, stride=ratio, padding=(k - 1) // 2, groups=x.shape[1])
 
@@ -147,7 +148,8 @@ class SDPSolver:
     self.z = f32(z).permute(2, 0, 1).contiguous()                # (b, H, W)
     B = self.y.shape[1]
     H, W = z.shape[:2]
-    self.psf_weight = f32(psf)[None, None].repeat(B, 1, 1, 1)      # (B, 1, k, k)
+    # hsijax.degrade.blur_down is a true convolution; F.conv2d correlates: flip the kernel.
+    self.psf_weight = torch.flip(f32(psf), (0, 1))[None, None].repeat(B, 1, 1, 1)  # (B,1,k,k)
     self.srf = f32(srf)                                          # (b, B)
     self.ratio, self.lam, self.gam, self.K = ratio, lam, gam, K
     self.ema_decay = ema_decay
