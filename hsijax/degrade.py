@@ -119,8 +119,13 @@ def blur_down(x: jax.Array, psf: jax.Array, ratio: int, *,
       gradient (the gradient of a grouped strided conv is very slow on XLA:CPU).
     "conv": lax.conv_general_dilated with window_strides=(r, r) and
       feature_group_count=B (the natural choice on GPU/TPU).
-  Measured on 2 CPU cores (value + grad w.r.t. x, k=15, r=8): 64x64x103
-  ~0.5-1 ms matmul vs ~200 ms grouped conv; 256x256x103 ~20-50 ms vs ~3 s.
+  Measured on 2 shared CPU cores (value + grad w.r.t. x, min/median ms):
+    64x64x103, k=15, r=8:   matmul 0.4/0.8,  conv 770/1010, full-res conv + slice 240/370
+    256x256x103, k=15, r=8: matmul 13/32,    conv 8700/14200, full-res 2400/4600
+    256x256x103, k=7, r=4:  matmul 14/17,    conv 2400/2700,  full-res 735/1060
+  (forward only, 256x256x103 k=15: matmul 10/24, conv 39/90). Other
+  formulations tried and slower: bands as the conv batch axis, per-shift
+  einsums, conv_general_dilated_patches + einsum.
 
   Args:
     x: (H, W, B) image; H and W must be multiples of `ratio`.
