@@ -21,7 +21,7 @@ class FakeDenoiser:
 
   def apply(self, params, x, cond, t, train=False):
     del train
-    return params["a"] * x + 0.1 * cond.mean(-1, keepdims=True) + \
+    return params["params"]["a"] * x + 0.1 * cond.mean(-1, keepdims=True) + \
         t.astype(jnp.float32)[:, None, None, None] / 1000.0
 
 
@@ -160,7 +160,7 @@ def test_jaxpr_has_one_scan_per_stage_and_does_not_grow_with_steps():
   settings = [dict(pdt_target="x", pdt_p_T=0.96),
               dict(guidance_scale=1.0, pdt_target="eps", pdt_p_T=0.88)]
   params = [jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 16, 16, m.out_channels)),
-                           jnp.zeros((1, 16, 16, c)), jnp.zeros((1,), jnp.int32))
+                           jnp.zeros((1, 16, 16, c)), jnp.zeros((1,), jnp.int32))["params"]
             for m, c in zip(models, (3, 4))]
   counts = {}
   for n in (10, 1000):
@@ -205,3 +205,4 @@ def test_bad_settings_raise():
     sampler.SamplerSettings(method="euler")
   with pytest.raises(ValueError, match="unknown sampler setting"):
     sampler.as_settings({"guidance": 1.0})
+  assert sampler.as_settings({"pdt_target": "none"}).pdt_target is None

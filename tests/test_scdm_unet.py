@@ -13,9 +13,9 @@ TINY = dict(base=8, channel_mults=(1, 2), num_res_down=1, num_res_up=2, attn_lev
 
 
 def _init(model, n=2, hw=16, c_cond=3, seed=0):
-  x = jnp.zeros((n, hw, hw, model.out_channels))
-  cond = jnp.zeros((n, hw, hw, c_cond))
-  return model.init(jax.random.PRNGKey(seed), x, cond, jnp.zeros((n,), jnp.int32))
+  """The "params" collection (init_params: one random draw, fast to compile on CPU)."""
+  return unet.init_params(model, jax.random.key(seed), (n, hw, hw, model.out_channels),
+                          (n, hw, hw, c_cond))
 
 
 # Parameter-count building blocks (flax and torch store the same numbers).
@@ -43,18 +43,20 @@ def res(cin, cout, temb, with_attn=False):
 
 
 def test_output_shape_three_levels():
-  model = CondUNet(out_channels=5, base=16, channel_mults=(1, 2, 2), num_res_down=2,
-                   num_res_up=3, attn_levels=(2,), groups=8)
+  model = CondUNet(out_channels=5, base=8, channel_mults=(1, 2, 2), num_res_down=1,
+                   num_res_up=2, attn_levels=(2,), groups=4)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(3, 32, 32, 5)), jnp.float32)
   cond = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
-  params = model.init(jax.random.PRNGKey(0), x, cond, jnp.array([0, 5, 999]))
-  out = model.apply(params, x, cond, jnp.array([0, 5, 999]))
+  params = {"params": _init(model, n=3, hw=32)}
+  apply = jax.jit(model.apply, static_argnames="train")
+  out = apply(params, x, cond, jnp.array([0, 5, 999]))
   assert out.shape == (3, 32, 32, 5)
   assert np.all(np.isfinite(out))
-  # Train mode with dropout differs from eval mode (dropout is wired in).
-  out_train = model.apply(params, x, cond, jnp.array([0, 5, 999]), train=True,
-                          rngs={"dropout": jax.random.PRNGKey(1)})
+  # Train mode with dropout differs from eval mode (dropout is wired in). An RBG key keeps
+  # the compile short on CPU (threefry compiles per dropout layer).
+  out_train = apply(params, x, cond, jnp.array([0, 5, 999]), train=True,
+                    rngs={"dropout": jax.random.key(1, impl="unsafe_rbg")})
   assert not np.allclose(out, out_train)
 
 
@@ -117,14 +119,14 @@ def test_paper_config_param_count_via_eval_shape():
       model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 64, 64, 12), jnp.float32),
       jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
       jax.ShapeDtypeStruct((1,), jnp.int32))
-  got = count_params(shapes)
+  got = count_params(shapes["params"])
   want = _derived_count(12, 3, 128, (1, 2, 2, 2, 2, 2, 2), 2, 3, (3,), True)
   assert got == want
   assert 75e6 < got < 80e6  # 77.46 M: six 256-channel levels, decoder inputs up to 768 ch
 
 
 def test_one_encoder_and_condition_branch_has_only_its_first_conv():
-  params = _init(CondUNet(out_channels=4, **TINY))["params"]
+  params = _init(CondUNet(out_channels=4, **TINY))
   assert set(params) == {"time_embed", "conv_in", "cond_in", "encoder", "middle", "decoder",
                          "norm_out", "conv_out"}
   # Extra parameters of the condition branch = its first conv only: removing the condition
@@ -160,7 +162,7 @@ def test_shared_encoder_equals_two_calls_and_perturbation_reaches_both_streams()
   x = jnp.asarray(rng.normal(size=(2, 16, 16, 4)), jnp.float32)
   cond = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
   t = jnp.array([10, 700])
-  p = _init(model)["params"]
+  p = _init(model)
   out = model.apply({"params": p}, x, cond, t)
   ref = _manual_forward(p, model, x, cond, t, p["encoder"], p["encoder"])
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
@@ -177,6 +179,27 @@ def test_shared_encoder_equals_two_calls_and_perturbation_reaches_both_streams()
   np.testing.assert_allclose(out2, both, rtol=1e-4, atol=1e-5)
   assert np.max(np.abs(out2 - only_x)) > 1e-3
   assert np.max(np.abs(out2 - only_c)) > 1e-3
+
+
+def test_init_params_matches_flax_init_structure_and_distribution():
+  model = CondUNet(out_channels=4, **TINY)
+  ref = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 4)),
+                       jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32))["params"]
+  p = _init(model)
+  assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(ref)
+  assert jax.tree_util.tree_map(lambda a: a.shape, p) == \
+      jax.tree_util.tree_map(lambda a: a.shape, ref)
+  # lecun_normal: std 1 / sqrt(fan_in), truncated at 2 / 0.8796 in units of that std.
+  k = np.asarray(p["decoder"]["level1_res0"]["conv1"]["kernel"])  # (3, 3, 48, 16)
+  fan_in = 9 * 48
+  assert abs(k.std() * np.sqrt(fan_in) - 1.0) < 0.05
+  assert np.abs(k).max() * np.sqrt(fan_in) <= 2.0 / 0.87962566103423978 + 1e-5
+  np.testing.assert_array_equal(p["norm_out"]["scale"], 1.0)
+  np.testing.assert_array_equal(p["conv_in"]["bias"], 0.0)
+  # Different kernels are different draws; same key -> same parameters.
+  assert not np.allclose(p["conv_in"]["kernel"][..., 0], p["conv_in"]["kernel"][..., 1])
+  same = _init(model)
+  np.testing.assert_array_equal(same["conv_out"]["kernel"], p["conv_out"]["kernel"])
 
 
 def test_group_count_caps_to_divisor():

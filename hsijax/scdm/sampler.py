@@ -51,8 +51,8 @@ class SamplerSettings:
   Attributes:
     method: "ddpm" (ancestral) or "ddim" (use a respaced schedule for fewer steps).
     guidance_scale: ICMG weight s (0 = plain conditional sampling, one network call).
-    pdt_target: None (off), "eps" (paper: clamp the guided eps) or "x" (authors' code:
-      clamp x_t before the network call).
+    pdt_target: None or "none" (off), "eps" (paper: clamp the guided eps) or "x" (authors'
+      code: clamp x_t before the network call).
     pdt_p_T: percentile at t = T - 1 (Houston 0.96 / 0.88, Pavia 0.97 / 0.90).
     eta: DDIM stochasticity (0 = deterministic).
     variance: DDPM sigma^2, "beta" (SCDM) or "posterior".
@@ -65,6 +65,8 @@ class SamplerSettings:
   variance: str = "beta"
 
   def __post_init__(self):
+    if self.pdt_target in ("none", ""):  # config files spell "off" as a string
+      object.__setattr__(self, "pdt_target", None)
     if self.method not in SAMPLERS:
       raise ValueError(f"unknown sampler {self.method!r}; choose one of {sorted(SAMPLERS)}")
     if self.pdt_target not in PDT_TARGETS:
@@ -154,8 +156,11 @@ ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def apply_fn_of(model: Any) -> ApplyFn:
-  """(params, x, cond, t) -> eps in eval mode for a CondUNet (or any object with .apply)."""
-  return lambda params, x, cond, t: model.apply(params, x, cond, t, train=False)
+  """(params, x, cond, t) -> eps in eval mode for a CondUNet (or any object with .apply).
+
+  `params` is the "params" collection (TrainState.params / ema_params).
+  """
+  return lambda params, x, cond, t: model.apply({"params": params}, x, cond, t, train=False)
 
 
 def guided_eps(apply_fn: ApplyFn, params: Any, x: jax.Array, cond: jax.Array, t: jax.Array,
@@ -238,7 +243,7 @@ def make_sampler(model: Any, schedule: diffusion.Schedule, *, method: str = "ddp
   """Builds sample(params, cond (N, H, W, C_cond), key) -> (N, H, W, C_out).
 
   The reverse chain over all `schedule.num_steps` positions is one lax.scan. `params` is
-  what model.apply takes ({"params": ...}, e.g. TrainState.ema_params). With jit=True
+  the model's "params" collection (e.g. TrainState.ema_params). With jit=True
   the function is jitted; wrap it again with jax.jit(..., in_shardings=...,
   out_shardings=...) to shard the batch (or tiles) over the mesh. Inside an open
   `progress.bar(schedule.num_steps)` it reports every `progress_every` steps.

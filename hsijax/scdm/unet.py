@@ -291,7 +291,7 @@ _TRUNC_STD = 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2] (flax's 
 
 def init_params(model: CondUNet, key: jax.Array, x_shape: Sequence[int],
                 cond_shape: Sequence[int]) -> dict:
-  """Variables {"params": ...} with flax's default initialisers, drawn in ONE random call.
+  """The "params" collection with flax's default initialisers, drawn in ONE random call.
 
   Same structure and distributions as `model.init` (kernels lecun-normal truncated at 2
   std, biases 0, GroupNorm scales 1), but all kernels come from one uniform draw
@@ -302,9 +302,13 @@ def init_params(model: CondUNet, key: jax.Array, x_shape: Sequence[int],
   Args:
     model: the U-Net.
     key: PRNG key.
-    x_shape: (N, H, W, out_channels) of an example input (N and H, W only fix shapes of
-      nothing but the trace; any valid input shape gives the same parameters).
+    x_shape: (N, H, W, out_channels) of an example input (any valid N, H, W gives the
+      same parameters).
     cond_shape: (N, H, W, C_cond).
+
+  Returns:
+    params such that model.apply({"params": params}, x, cond, t) works (what
+    TrainState.params holds and what the samplers take).
   """
   abstract = jax.eval_shape(
       model.init, jax.random.key(0), jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
@@ -337,7 +341,7 @@ def init_params(model: CondUNet, key: jax.Array, x_shape: Sequence[int],
         out.append(jnp.zeros(leaf.shape, leaf.dtype))
     return out
 
-  return jax.tree_util.tree_unflatten(treedef, build(key))
+  return jax.tree_util.tree_unflatten(treedef, build(key))["params"]
 
 
 def count_params(params: Any) -> int:
