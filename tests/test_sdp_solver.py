@@ -138,6 +138,24 @@ def test_loss_gradient_matches_finite_differences():
     assert not np.allclose(g, g0)
 
 
+def test_fast_gradient_equals_autodiff_of_the_loss():
+  _, y, z, psf, srf = _problem()
+  model, params = _model()
+  sched = diffusion.make_schedule("linear", T)
+  X = jnp.asarray(np.random.default_rng(3).uniform(0.1, 0.9, (H, W, B)), jnp.float32)
+  eps = jax.random.normal(jax.random.key(4), (H, W, B))
+  kw = dict(model=model, schedule=sched, lam=0.3, gam=0.2, ratio=R)
+
+  @jax.jit
+  def grads(X, i):
+    return (jax.grad(solver.fusion_loss)(X, params, y, z, psf, srf, eps, i, **kw),
+            solver.fusion_grad(X, params, y, z, psf, srf, eps, i, **kw))
+
+  for i in (3, 41):
+    auto, fast = map(np.asarray, grads(X, jnp.int32(i)))
+    np.testing.assert_allclose(fast, auto, rtol=1e-4, atol=1e-4 * np.abs(auto).max())
+
+
 def test_baseline_ignores_network_and_reduces_data_misfit():
   x_true, y, z, psf, srf = _problem()
   model, params = _model(0)

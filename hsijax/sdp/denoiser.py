@@ -21,11 +21,12 @@ Speed-relevant choices (same function, same parameters as the concat form):
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hsijax import diffusion
 
@@ -118,6 +119,76 @@ class SpectralDenoiser(nn.Module):
       h = nn.silu(h)
       h = nn.Dropout(rate=self.dropout, deterministic=not train)(h)
     return h
+
+
+def time_condition(model: SpectralDenoiser, params: Any, t: Any) -> list[jax.Array]:
+  """The (L - 1) modulation vectors s_i = Cond_i(SiLU(c(t))), each (hidden,), for scalar t."""
+  p = params["params"]
+  lin = lambda name, a: a @ p[name]["kernel"] + p[name]["bias"]
+  emb = diffusion.timestep_embedding(jnp.asarray(t), model.time_dim)
+  act_c = nn.silu(lin("time_1", nn.silu(lin("time_0", emb))))
+  return [lin(f"cond_{i}", act_c) for i in range(model.num_layers - 1)]
+
+
+def apply_with_input_grad(model: SpectralDenoiser, params: Any, x: jax.Array,
+                          cond: list[jax.Array],
+                          cotangent_fn: Callable[[jax.Array], jax.Array]
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Forward pass and the gradient w.r.t. the INPUT only, written out by hand (eval mode).
+
+  Equivalent to `out, vjp = jax.vjp(lambda x: model.apply(params, x, t), x);
+  dx = vjp(cotangent_fn(out))` for a scalar t (with `cond = time_condition(model, params, t)`),
+  but never forms weight gradients and keeps the backward to the minimum number of passes
+  over the (N, hidden) activations: per hidden layer the forward stores only the normalised
+  activations, 1 / std per pixel and SiLU'(.); the backward is the LayerNorm / modulation
+  chain rule in two fused passes plus one matmul, and the x-facing parts of all layers share
+  one matmul (as in the forward). Used by the SDP solver, where the network is frozen.
+
+  Args:
+    model: the module (for its sizes).  params: its variables.
+    x: (N, B) inputs.  cond: `time_condition(...)` for the shared timestep.
+    cotangent_fn: out (N, B) -> d loss / d out (N, B).
+
+  Returns:
+    (out (N, B), d loss / d x (N, B)).
+  """
+  p = params["params"]
+  B, H, L = model.num_bands, model.hidden, model.num_layers
+  layers = [(p[f"layer_{i}"]["kernel"], p[f"layer_{i}"]["bias"]) for i in range(L)]
+  x_kernel = jnp.concatenate([layers[0][0]] + [k[H:] for k, _ in layers[1:]], axis=1)
+  x_proj = x @ x_kernel
+  outs = [H] * (L - 1) + [B]
+  offsets = np.concatenate([[0], np.cumsum(outs)])
+  saved = []
+  h = None
+  for i in range(L):
+    kernel, bias = layers[i]
+    xp = x_proj[:, offsets[i]:offsets[i + 1]]
+    z = xp + bias if i == 0 else h @ kernel[:H] + xp + bias
+    if i == L - 1:
+      out = z
+      break
+    u = z * (1.0 + cond[i]) + cond[i]
+    mu = jnp.mean(u, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(u - mu), axis=-1, keepdims=True)
+                         + TORCH_LAYERNORM_EPS)
+    nhat = (u - mu) * rstd
+    n = nhat * p[f"norm_{i}"]["scale"] + p[f"norm_{i}"]["bias"]
+    sig = jax.nn.sigmoid(n)
+    h = n * sig
+    saved.append((nhat, rstd, sig * (1.0 + n * (1.0 - sig))))  # SiLU'(n)
+  dz = cotangent_fn(out)
+  dzs = [dz]
+  for i in range(L - 2, -1, -1):
+    nhat, rstd, dsilu = saved[i]
+    da = dz @ layers[i + 1][0][:H].T
+    dnh = da * dsilu * p[f"norm_{i}"]["scale"]
+    du = rstd * (dnh - jnp.mean(dnh, axis=-1, keepdims=True)
+                 - nhat * jnp.mean(dnh * nhat, axis=-1, keepdims=True))
+    dz = du * (1.0 + cond[i])
+    dzs.append(dz)
+  dx = jnp.concatenate(dzs[::-1], axis=1) @ x_kernel.T
+  return out, dx
 
 
 def count_params(params: Any) -> int:
