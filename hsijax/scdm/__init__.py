@@ -8,7 +8,8 @@
 Parameters (`params`) are always the model's "params" collection, as held by
 TrainState.params / TrainState.ema_params; `model.apply({"params": params}, ...)`.
 """
-from hsijax.scdm.cascade import (HOUSTON_RGB_BANDS, NORMALISERS, PAVIA_RGB_BANDS, Normaliser,
+from hsijax.scdm.cascade import (HOUSTON_RGB_BANDS, NORMALISERS, PAPER_STAGE_COUNTS,
+                                 PAVIA_RGB_BANDS, Normaliser,
                                  condition_channels, equally_spaced, first_stage_count,
                                  rgb_from_hsi, stage_band_indices, stage_condition,
                                  stage_counts)

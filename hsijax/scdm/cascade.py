@@ -8,8 +8,8 @@ output), optionally with the RGB image appended (`include_rgb`).
 Band counts (SPEC section 4, paper eq. 12): with S stages, n_k = floor(3 (N / 3)^(k / S)),
 k = 1..S, i.e. equal band multipliers from the 3 RGB bands to N; for S = 2 this is the
 paper's n = floor(3 sqrt(N / 3)) (Houston N = 48 -> 12, Pavia Centre N = 102 -> 17). The
-paper's 3-stage ablation used other counts ((12, 24, 48) and (12, 34, 102)); pass them as
-`counts`. A stage with n of N bands takes indices floor(j N / n), j = 0..n-1: every
+paper's 3-stage ablation used other counts ((12, 24, 48) and (12, 34, 102), in
+PAPER_STAGE_COUNTS); pass them as `counts`. A stage with n of N bands takes indices floor(j N / n), j = 0..n-1: every
 (N / n)-th band starting at the first when n divides N (the authors' `[::4]` for Houston).
 """
 from __future__ import annotations
@@ -25,6 +25,13 @@ import numpy as np
 HOUSTON_RGB_BANDS = (4, 11, 22)
 # Pavia Centre: the paper's 1-based bands 60, 30, 10, converted like Houston's.
 PAVIA_RGB_BANDS = (9, 29, 59)
+
+
+# Band counts of the paper's 3-stage ablation (pass as `counts`).
+PAPER_STAGE_COUNTS = {
+    ("houston", 3): (12, 24, 48),
+    ("pavia_centre", 3): (12, 34, 102),
+}
 
 
 def first_stage_count(num_bands: int) -> int:
