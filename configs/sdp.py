@@ -136,6 +136,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.psf = ""         # fuse: optional known PSF FILE[:KEY], (k, k)
   c.data.srf = ""         # fuse: optional known SRF FILE[:KEY], (b, B)
   c.data.wavelengths_nm = ""  # "START:STOP" band-centre range when the file has none
+  # fuse: "joint" divides LR-HSI, HR-MSI (and reference) by one common max (keeps Z = R X),
+  # "separate" each by its own max, "none" expects data already in [0, 1].
+  c.data.scale = "joint"
   c.data.ratio = 4
   c.data.snr_y_db = 20.0
   c.data.snr_z_db = 30.0
