@@ -167,6 +167,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.stages = _default_stages(num_stages, 0.96, 0.88, 1.0)
   elif preset == "paper_pavia_centre":
     c.data.num_bands = 102
+    c.data.rgb_bands = (9, 29, 59)  # the paper's 1-based bands 60, 30, 10
     c.stages = _default_stages(num_stages, 0.97, 0.90, 1.0)
   elif preset == "tiny":
     c.data.path = str(_HOUSTON) + ":cube" if _HOUSTON.is_file() else ""
