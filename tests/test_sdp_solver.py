@@ -85,7 +85,7 @@ def test_steps_match_independent_loss_and_hand_adam():
   lam, gam, lr, K, wd = 0.1, 0.05, 0.6, 2, 1e-3  # big lr: X hits the clamp at 0
   key = jax.random.key(11)
   solve = solver.make_solver(model, sched, lam=lam, gam=gam, lr=lr, K=K, weight_decay=wd,
-                             ema_decay=0.9, ratio=R)
+                             ema_decay=0.9, ratio=R, lr_scale=1.0)
   out = np.asarray(solve(params, y, z, psf, srf, key))
 
   abar_all = np.cumprod(1.0 - diffusion.linear_betas(T))
@@ -188,6 +188,13 @@ def test_vmap_over_scenes_equals_separate_solves():
     np.testing.assert_allclose(np.asarray(both[s]),
                                np.asarray(single(params, y, z, psf, srf, keys[s])),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_respaced_lr_scale():
+  assert solver.respaced_lr_scale(diffusion.make_schedule("linear", 1000)) == 1.0
+  assert solver.respaced_lr_scale(diffusion.make_respaced_schedule("linear", 1000, 100)) == 10.0
+  assert solver.respaced_lr_scale(
+      diffusion.make_respaced_schedule("linear", 1000, 40, "quadratic")) == 25.0
 
 
 def test_bad_arguments_raise():
