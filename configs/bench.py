@@ -10,11 +10,11 @@ Presets:
 Workloads (`workloads` is a comma-separated subset of these names):
   sdm_train            one spectral-model training step (batch 512, B = 103, Adam + EMA).
   sdp_step_<S>         one SDP solver timestep (K Adam steps on X) on an S x S x 103 scene,
-                       ratio 8, 15 x 15 PSF, 4 MSI bands: timed as the library's jitted solver
-                       run for `sdp.chunk_steps` outer steps, divided by that number.
+                       ratio 8, 15 x 15 PSF, 4 MSI bands: the library's jitted solver run for
+                       sdp.steps = (n1, n2) outer steps; per step = (t(n2) - t(n1)) / (n2 - n1).
   scdm_<u>[_icmg]      one SCDM sampler step of U-Net <u> ("tiny" / "paper"), without or with
                        ICMG (conditional + unconditional prediction as one 2N batch), PDT on;
-                       timed as the library sampler over `scdm.chunk_steps` steps / that number.
+                       timed like the solver, the library sampler over scdm.steps = (n1, n2).
   sample_<u>_<m>       full sampling with method m ("ddim": `sampling.ddim_steps` steps, "ddpm":
                        `sampling.ddpm_steps`), ICMG on; when the predicted time exceeds
                        `sampling.max_full_s` the total is estimated from the per-step time of
@@ -52,7 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.repeats = 5            # timed calls per workload (median reported)
   c.warmup = 1             # untimed calls after compilation
   c.torch = True           # also time the PyTorch eager reference when torch is installed
-  c.torch_threads = 0      # 0 = os.cpu_count(), the cores XLA uses
+  # torch thread counts to try per workload (0 = os.cpu_count(), the cores XLA uses); the
+  # fastest is timed. 1 guards against OpenMP slowdowns on a shared, oversubscribed CPU.
+  c.torch_threads = (0, 1)
   c.matmul_n = 2048        # (n, n) @ (n, n) float32 for the machine's matmul peak
   c.workloads = ("sdm_train,sdp_step_64,sdp_step_128,scdm_tiny,scdm_tiny_icmg,scdm_paper,"
                  "scdm_paper_icmg,sample_tiny_ddim,sample_tiny_ddpm,sample_paper_ddim,"
@@ -71,7 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sdp.gam = 1e-3
   c.sdp.lr = 1e-3
   c.sdp.sizes = (64, 128)   # S for the sdp_step_<S> workloads
-  c.sdp.chunk_steps = 2     # outer timesteps per timed solver call
+  # JAX per-step time = (time of a steps[1]-step solve - time of a steps[0]-step solve) /
+  # (steps[1] - steps[0]): the marginal cost, free of per-call costs (see time_marginal).
+  c.sdp.steps = (1, 3)
   c.sdp.train_batch = 512
   c.sdp.train_pixels = 4096  # pool of random "clean" pixels the batches are drawn from
 
@@ -81,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.scdm.guidance_scale = 1.0
   c.scdm.pdt_target = "eps"
   c.scdm.pdt_p_T = 0.88
-  c.scdm.chunk_steps = 4
+  c.scdm.steps = (2, 6)  # sampler steps of the two timed JAX programs (marginal per step)
   c.scdm.unets = ml_collections.ConfigDict({
       "tiny": _unet(16, (1, 2, 2), (1,), 8),
       "paper": _unet(128, (1, 2, 2, 2, 2, 2, 2), (3,), 32),
@@ -97,9 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if preset == "gpu":
     c.torch = False
     c.sdp.sizes = (64, 128, 256)
-    c.sdp.chunk_steps = 10
+    c.sdp.steps = (2, 12)
     c.scdm.sizes = ml_collections.ConfigDict({"tiny": 64, "paper": 256})
-    c.scdm.chunk_steps = 10
+    c.scdm.steps = (5, 25)
     c.sampling.max_full_s = 3600.0
     c.repeats = 10
   elif preset == "tiny":
@@ -110,12 +114,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sdp.ratio = 4
     c.sdp.psf_size = 7
     c.sdp.sizes = (16,)
-    c.sdp.chunk_steps = 2
+    c.sdp.steps = (1, 2)
     c.sdp.train_batch = 64
     c.sdp.train_pixels = 256
     c.scdm.out_channels = 6
     c.scdm.cond_channels = 3
-    c.scdm.chunk_steps = 2
+    c.scdm.steps = (1, 2)
     c.scdm.unets = ml_collections.ConfigDict({
         "tiny": _unet(8, (1, 2), (1,), 4),
         "paper": _unet(8, (1, 2), (), 4),

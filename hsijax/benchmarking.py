@@ -76,18 +76,21 @@ def compile_fn(fn: Callable, *args: Any) -> tuple[Any, float, float]:
   return compiled, t1 - t0, t2 - t1
 
 
-def _timed_repeats(call: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+def _timed_repeats(call: Callable[[], Any], repeats: int, warmup: int
+                   ) -> tuple[list[float], list[float]]:
+  """Wall-clock and process-CPU seconds of `repeats` calls after `warmup` calls."""
   if repeats < 1 or warmup < 0:
     raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, "
                      f"warmup={warmup}")
   for _ in range(warmup):
     call()
-  times = []
+  times, cpu = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     call()
     times.append(time.perf_counter() - t0)
-  return times
+    cpu.append(time.process_time() - c0)
+  return times, cpu
 
 
 def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
@@ -99,25 +102,79 @@ def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1) -> dict
 
   Returns:
     dict with lower_s, compile_s (seconds), step_s (median of the repeats), times (every
-    repeat, seconds), xla_flops (XLA cost analysis of the whole program, or None) and
-    memory (see `memory_stats`).
+    repeat, seconds), cpu_s (median process CPU seconds per call: all threads; on a
+    shared machine cpu_s / step_s shows how many cores the call really got), xla_flops (XLA
+    cost analysis of the whole program, or None) and memory (see `memory_stats`).
   """
   compiled, lower_s, compile_s = compile_fn(fn, *args)
-  times = _timed_repeats(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup)
+  times, cpu = _timed_repeats(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup)
   return {
       "lower_s": lower_s,
       "compile_s": compile_s,
       "step_s": float(np.median(times)),
       "times": times,
+      "cpu_s": float(np.median(cpu)),
       "xla_flops": xla_flops(compiled),
       "memory": memory_stats(compiled),
   }
 
 
+def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tuple[int, int],
+                  repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+  """Steady-state seconds per step of a scanned program, free of per-call costs.
+
+  `fn_short` and `fn_long` run the same loop for steps[0] < steps[1] steps. Each timed
+  repeat calls both back to back (interleaved, so load drift hits both alike); the
+  marginal time of repeat j is (long_j - short_j) / (steps[1] - steps[0]). Per-call costs
+  (first touch of XLA's temporary buffers, which the loop then reuses, setup, transfer) cancel.
+
+  Returns:
+    dict with lower_s and compile_s (of fn_long), step_s (median marginal), times (the
+    marginals), overhead_s (median short call minus steps[0] x step_s), call_times
+    {steps[0]: [...], steps[1]: [...]}, xla_flops, memory (of fn_long).
+  """
+  n_short, n_long = steps
+  if not 0 < n_short < n_long:
+    raise ValueError(f"steps must be (short, long) with 0 < short < long, got {steps}")
+  if repeats < 1 or warmup < 0:
+    raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, "
+                     f"warmup={warmup}")
+  c_short, _, _ = compile_fn(fn_short, *args)
+  c_long, lower_s, compile_s = compile_fn(fn_long, *args)
+  run = lambda c: jax.block_until_ready(c(*args))
+  for _ in range(warmup):
+    run(c_short)
+    run(c_long)
+  short, long_, cpu = [], [], []
+  for _ in range(repeats):
+    c0, t0 = time.process_time(), time.perf_counter()
+    run(c_short)
+    c1, t1 = time.process_time(), time.perf_counter()
+    run(c_long)
+    c2, t2 = time.process_time(), time.perf_counter()
+    short.append(t1 - t0)
+    long_.append(t2 - t1)
+    cpu.append(((c2 - c1) - (c1 - c0)) / (n_long - n_short))
+  marg = [(b - a) / (n_long - n_short) for a, b in zip(short, long_)]
+  step_s = float(np.median(marg))
+  return {
+      "lower_s": lower_s,
+      "compile_s": compile_s,
+      "step_s": step_s,
+      "times": marg,
+      "cpu_s": float(np.median(cpu)),
+      "overhead_s": float(np.median(short)) - n_short * step_s,
+      "call_times": {str(n_short): short, str(n_long): long_},
+      "xla_flops": xla_flops(c_long),
+      "memory": memory_stats(c_long),
+  }
+
+
 def time_torch(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
   """Times an eager PyTorch callable (no compilation; eager ops are synchronous on CPU)."""
-  times = _timed_repeats(fn, repeats, warmup)
-  return {"compile_s": 0.0, "step_s": float(np.median(times)), "times": times}
+  times, cpu = _timed_repeats(fn, repeats, warmup)
+  return {"compile_s": 0.0, "step_s": float(np.median(times)), "times": times,
+          "cpu_s": float(np.median(cpu))}
 
 
 # --------------------------------------------------------------------------- XLA analyses

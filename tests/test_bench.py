@@ -93,6 +93,20 @@ def test_time_fn_fields():
     bm.time_fn(lambda a: a, a, repeats=0)
 
 
+def test_time_marginal_fields():
+  def looped(n):
+    return lambda a: jax.lax.fori_loop(0, n, lambda i, x: jnp.tanh(x @ a), a)
+  a = jnp.eye(16) * 0.5
+  r = bm.time_marginal(looped(2), looped(5), a, steps=(2, 5), repeats=3, warmup=1)
+  assert r["step_s"] == np.median(r["times"]) and len(r["times"]) == 3
+  assert set(r["call_times"]) == {"2", "5"} and len(r["call_times"]["5"]) == 3
+  marg = [(b - s) / 3 for s, b in zip(r["call_times"]["2"], r["call_times"]["5"])]
+  np.testing.assert_allclose(r["times"], marg)
+  assert r["compile_s"] >= 0
+  with pytest.raises(ValueError, match="short"):
+    bm.time_marginal(looped(2), looped(2), a, steps=(2, 2))
+
+
 def test_time_torch_fields():
   calls = []
   r = bm.time_torch(lambda: calls.append(1), repeats=4, warmup=3)
@@ -133,3 +147,60 @@ def test_bench_config_presets():
   assert bench_cfg.get_config("cpu").repeats >= 5
   with pytest.raises(ValueError, match="preset"):
     bench_cfg.get_config("nope")
+
+
+STEP_KEYS = {"shape", "flops_per_step", "jax", "torch", "ratio_jax_over_torch"}
+JAX_KEYS = {"compile_s", "step_s", "times", "gflops", "fraction_of_matmul_peak", "memory"}
+
+
+def _run_bench(tmp_path, workloads, torch_on):
+  from configs import bench as bench_cfg
+  from launch import bench
+  config = bench_cfg.get_config("tiny")
+  config.workloads = workloads
+  config.repeats = 1
+  config.warmup = 0
+  config.torch = torch_on
+  record = bench.run(config, str(tmp_path))
+  on_disk = json.loads((tmp_path / "bench.json").read_text())
+  return config, record, on_disk
+
+
+def test_bench_json_has_every_workload(tmp_path):
+  torch_on = True
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    torch_on = False
+  names = ["sdm_train", "sdp_step_16", "scdm_tiny_icmg", "sample_tiny_ddpm"]
+  config, record, on_disk = _run_bench(tmp_path, ",".join(names), torch_on)
+  assert list(on_disk["workloads"]) == names
+  assert on_disk["matmul_peak"]["jax"]["gflops"] > 0
+  for name in names[:3]:
+    w = on_disk["workloads"][name]
+    assert STEP_KEYS <= set(w), name
+    assert JAX_KEYS <= set(w["jax"]), name
+    assert w["jax"]["compile_s"] >= 0 and w["jax"]["step_s"] > 0
+    assert w["flops_per_step"]["used"] > 0
+    # The jaxpr and analytic FLOP counts describe the same program.
+    assert w["flops_per_step"]["jaxpr"] == pytest.approx(
+        w["flops_per_step"].get("analytic_matmul", w["flops_per_step"]["analytic"]), rel=0.02)
+    if torch_on:
+      assert w["torch"]["step_s"] > 0
+      assert w["ratio_jax_over_torch"] == pytest.approx(
+          w["jax"]["step_s"] / w["torch"]["step_s"])
+  # DDPM with 1000 steps is over tiny's max_full_s: estimated from the step time.
+  s = on_disk["workloads"]["sample_tiny_ddpm"]
+  assert s["jax"]["estimated"] and s["jax"]["total_s"] == pytest.approx(
+      1000 * on_disk["workloads"]["scdm_tiny_icmg"]["jax"]["step_s"])
+  assert "targets" in on_disk and "sdp_step_16" in on_disk["targets"]
+  text = __import__("launch.bench", fromlist=["format_table"]).format_table(record)
+  assert all(n in text for n in names)
+
+
+@pytest.mark.slow
+def test_bench_tiny_preset_all_workloads(tmp_path):
+  from configs import bench as bench_cfg
+  names = bench_cfg.get_config("tiny").workloads.split(",")
+  _, _, on_disk = _run_bench(tmp_path, bench_cfg.get_config("tiny").workloads, False)
+  assert list(on_disk["workloads"]) == names

@@ -217,11 +217,13 @@ class Sampler:
     self.c = {k: _coef(schedule, k) for k in names}
     self.timesteps = torch.from_numpy(np.asarray(schedule.timesteps, dtype=np.int64))
     self.n = len(self.timesteps)
+    self.num_timesteps = int(self.timesteps[-1]) + 1  # a respaced chain keeps T - 1
     self.gen = torch.Generator().manual_seed(seed)
 
   def percentile(self, i: int) -> float:
-    """p(i) linear from p_T at the noisiest position n-1 to 1.0 at position 0."""
-    return 1.0 - (1.0 - self.pdt_p_T) * (i / max(self.n - 1, 1))
+    """p linear in the original timestep t of position i: p_T at t = T - 1, 1.0 at t = 0."""
+    t = float(self.timesteps[i])
+    return 1.0 - (1.0 - self.pdt_p_T) * t / max(self.num_timesteps - 1, 1)
 
   def eps(self, x: torch.Tensor, cond: torch.Tensor, i: int) -> torch.Tensor:
     t = self.timesteps[i].expand(x.shape[0])
