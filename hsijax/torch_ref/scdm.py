@@ -235,8 +235,9 @@ class Sampler:
     return self.model(x, cond, t)
 
   @torch.no_grad()
-  def step(self, x: torch.Tensor, cond: torch.Tensor, i: int) -> torch.Tensor:
-    """x_t -> x_{t-1} at schedule position i (NCHW tensors)."""
+  def step(self, x: torch.Tensor, cond: torch.Tensor, i: int,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """x_t -> x_{t-1} at schedule position i (NCHW tensors; noise drawn when not given)."""
     c = self.c
     p = self.percentile(i)
     if self.pdt_target == "x":
@@ -245,7 +246,8 @@ class Sampler:
     if self.pdt_target == "eps":
       eps = pdt_clamp(eps, p)
     x0 = (x - c["sqrt_one_minus_alphas_cumprod"][i] * eps) / c["sqrt_alphas_cumprod"][i]
-    noise = torch.randn(x.shape, generator=self.gen)
+    if noise is None:
+      noise = torch.randn(x.shape, generator=self.gen)
     if self.method == "ddpm":
       mean = c["posterior_mean_coef1"][i] * x0 + c["posterior_mean_coef2"][i] * x
       return mean + (torch.sqrt(c["betas"][i]) if i > 0 else 0.0) * noise
