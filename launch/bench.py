@@ -22,6 +22,7 @@ call at a time (eager code has no per-call setup to amortise).
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import time
 from typing import Any, Callable
@@ -225,10 +226,14 @@ def bench_sdp_step(config, size: int, peaks: dict, use_torch: bool) -> dict[str,
   y, z, psf, srf = _sdp_scene(config, size)
   n1, n2 = (int(v) for v in s.steps)
 
+  extra = {}
+  if "lr_scale" in inspect.signature(sdp_solver.make_solver).parameters:
+    extra["lr_scale"] = 1.0  # the full-schedule lr (cost is the same either way)
+
   def build(n: int):
     sched = diffusion.make_respaced_schedule("linear", 1000, n)
     return sdp_solver.make_solver(model, sched, lam=s.lam, gam=s.gam, lr=s.lr, K=s.K,
-                                  ratio=s.ratio)
+                                  ratio=s.ratio, **extra)
 
   sched = diffusion.make_respaced_schedule("linear", 1000, n1)
   solve = build(n1)
