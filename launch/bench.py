@@ -140,6 +140,10 @@ def _finish(name: str, shape: dict, flops: dict, jax_r: dict, torch_r: dict | No
     best = peaks["jax"].get("gflops_max", peaks["jax"]["gflops"])
     r["fraction_of_best_jax_matmul_peak"] = r["gflops"] / best if r["gflops"] else None
   out["ratio_jax_over_torch"] = jax_r["step_s"] / torch_r["step_s"] if torch_r else None
+  # Same ratio in process-CPU seconds: robust when other jobs share the cores (wall time
+  # then depends on how many cores each framework happened to get).
+  out["cpu_ratio_jax_over_torch"] = jax_r["cpu_s"] / torch_r["cpu_s"] \
+      if torch_r and torch_r.get("cpu_s") else None
   return out
 
 
@@ -392,14 +396,15 @@ def bench_sample(config, unet: str, method: str, step: dict, use_torch: bool) ->
   out: dict[str, Any] = {"shape": {"steps": n, "method": method, "icmg": True,
                                    **{k: step["shape"][k] for k in ("N", "H", "W", "C_out")}},
                          "flops_total": step["flops_per_step"]["used"] * n}
-  for fw in ("jax", "torch"):
-    if fw == "torch" and (not use_torch or step["torch"] is None):
-      out[fw] = None
-      continue
+  fws = ["jax"] + (["torch"] if use_torch and step["torch"] is not None else [])
+  out["torch"] = None
+  # Run both frameworks in full, or estimate both: the comparison stays like for like.
+  full = max(step[fw]["step_s"] * n for fw in fws) <= sc.max_full_s
+  for fw in fws:
     per = step[fw]["step_s"]
     predicted = per * n
     rec: dict[str, Any] = {"per_step_s": per, "predicted_s": predicted}
-    if predicted <= sc.max_full_s:
+    if full:
       if fw == "jax":
         sample = _jax_sampler(config, model, sched, method, True)
         args = (params["params"], jnp.asarray(cond), jax.random.PRNGKey(config.seed))
@@ -419,7 +424,7 @@ def bench_sample(config, unet: str, method: str, step: dict, use_torch: bool) ->
     else:
       rec.update(total_s=predicted, estimated=True,
                  note=f"estimated: {n} steps x the measured per-step time (a full run "
-                      f"would take > sampling.max_full_s = {sc.max_full_s} s)")
+                      f"would take > sampling.max_full_s = {sc.max_full_s} s per framework)")
     out[fw] = rec
   out["ratio_jax_over_torch"] = out["jax"]["total_s"] / out["torch"]["total_s"] \
       if out.get("torch") else None
@@ -474,6 +479,10 @@ def check_targets(results: dict[str, Any]) -> dict[str, Any]:
     if group in RATIO_TARGETS and ratio is not None:
       rec["ratio"] = {"value": ratio, "target": RATIO_TARGETS[group],
                       "met": ratio <= RATIO_TARGETS[group]}
+      cpu = r.get("cpu_ratio_jax_over_torch")
+      if cpu is not None:
+        rec["cpu_ratio"] = {"value": cpu, "target": RATIO_TARGETS[group],
+                            "met": cpu <= RATIO_TARGETS[group]}
     if group in PEAK_TARGET and r.get("jax"):
       frac = r["jax"].get("fraction_of_matmul_peak")
       if frac is not None:
@@ -491,7 +500,8 @@ def _fmt(v, spec: str = "{:.3g}") -> str:
 def format_table(record: dict[str, Any]) -> str:
   """Plain-text table of a bench.json record (one row per workload)."""
   cols = [("workload", 20, "<"), ("compile s", 10, ">"), ("jax s/step", 12, ">"),
-          ("torch s/step", 13, ">"), ("jax/torch", 10, ">"), ("GFLOP/step", 11, ">"),
+          ("torch s/step", 13, ">"), ("jax/torch", 10, ">"), ("cpu ratio", 10, ">"),
+          ("GFLOP/step", 11, ">"),
           ("jax GF/s", 9, ">"), ("torch GF/s", 11, ">"), ("%peak", 7, ">"),
           ("XLA MB", 8, ">")]
   row = lambda cells: "".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, cols))
@@ -505,6 +515,7 @@ def format_table(record: dict[str, Any]) -> str:
       lines.append(row([
           name, _fmt(j["compile_s"], "{:.1f}"), _fmt(j["step_s"]), _fmt(t and t["step_s"]),
           _fmt(r.get("ratio_jax_over_torch"), "{:.2f}"),
+          _fmt(r.get("cpu_ratio_jax_over_torch"), "{:.2f}"),
           _fmt(r["flops_per_step"]["used"] / 1e9), _fmt(j.get("gflops"), "{:.1f}"),
           _fmt(t and t.get("gflops"), "{:.1f}"), _fmt(frac and 100 * frac, "{:.0f}"),
           _fmt(mem and mem / 2**20, "{:.0f}")]))
@@ -513,15 +524,57 @@ def format_table(record: dict[str, Any]) -> str:
       lines.append(row([
           name, "(total)", est(j) + _fmt(j["total_s"], "{:.4g}"),
           est(t) + _fmt(t and t["total_s"], "{:.4g}"),
-          _fmt(r.get("ratio_jax_over_torch"), "{:.2f}"), _fmt(r["flops_total"] / 1e9, "{:.4g}"),
-          "", "", "", ""]))
+          _fmt(r.get("ratio_jax_over_torch"), "{:.2f}"), "",
+          _fmt(r["flops_total"] / 1e9, "{:.4g}"), "", "", "", ""]))
   pk = record["matmul_peak"]
   lines.append(f"matmul peak ({pk['jax']['n']}^3 float32): JAX {pk['jax']['gflops']:.1f} GFLOP/s "
                f"(best in run {pk['jax'].get('gflops_max', pk['jax']['gflops']):.1f})"
                + (f", torch {pk['torch']['gflops']:.1f} GFLOP/s" if pk.get("torch") else "")
                + ". %peak: JAX GFLOP/s over the JAX matmul peak measured just before the "
-               "workload. ~ = estimated from the per-step time.")
+               "workload. cpu ratio: JAX / PyTorch process-CPU seconds per step. ~ = estimated "
+               "from the per-step time.")
   return "\n".join(lines)
+
+
+def format_markdown(record: dict[str, Any]) -> str:
+  """The bench.json record as a Markdown table (for docs/benchmarks.md)."""
+  head = ("| workload | shape | compile s | JAX s/step | PyTorch s/step | JAX/PyTorch | "
+          "JAX/PyTorch CPU s | GFLOP/step | JAX GFLOP/s | % of matmul peak | XLA peak MB |")
+  lines = [head, "|" + "---|" * 11]
+  for name, r in record["workloads"].items():
+    j, t = r["jax"], r.get("torch")
+    shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items()
+                      if k not in ("timed_steps", "channel_mults", "params", "unet_batch"))
+    if "flops_per_step" in r:
+      frac = j.get("fraction_of_matmul_peak")
+      mem = (j.get("memory") or {}).get("peak")
+      cells = [name, shape, _fmt(j["compile_s"], "{:.1f}"), _fmt(j["step_s"]),
+               _fmt(t and t["step_s"]), _fmt(r.get("ratio_jax_over_torch"), "{:.2f}"),
+               _fmt(r.get("cpu_ratio_jax_over_torch"), "{:.2f}"),
+               _fmt(r["flops_per_step"]["used"] / 1e9), _fmt(j.get("gflops"), "{:.1f}"),
+               _fmt(frac and 100 * frac, "{:.0f}"), _fmt(mem and mem / 2**20, "{:.0f}")]
+    else:
+      est = lambda x: "" if x is None else (" (est.)" if x.get("estimated") else "")
+      cells = [name, shape, "", _fmt(j["total_s"], "{:.4g}") + " total" + est(j),
+               (_fmt(t and t["total_s"], "{:.4g}") + " total" + est(t)) if t else "-",
+               _fmt(r.get("ratio_jax_over_torch"), "{:.2f}"), "",
+               _fmt(r["flops_total"] / 1e9, "{:.4g}") + " total", "", "", ""]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _write_text(path: str, text: str) -> None:
+  """Atomic text write (temp file in the same folder, then os.replace)."""
+  import tempfile
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def run(config, workdir) -> dict[str, Any]:
@@ -586,10 +639,12 @@ def main(argv):
   workdir = common.setup(_WORKDIR.value)
   record = run(config, str(workdir))
   common.log(format_table(record))
+  if jax.process_index() == 0:
+    _write_text(str(workdir / "bench.md"), format_markdown(record) + "\n")
   for name, t in record["targets"].items():
     for kind, v in t.items():
       common.log(f"target {name} {kind}: {v['value']:.3f} (target "
-                 f"{'<=' if kind == 'ratio' else '>='} {v['target']}) "
+                 f"{'>=' if kind == 'peak_fraction' else '<='} {v['target']}) "
                  f"{'met' if v['met'] else 'NOT met'}")
   common.log(f"wrote {workdir / 'bench.json'}")
 
