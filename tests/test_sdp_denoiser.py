@@ -171,15 +171,18 @@ def test_hand_written_input_grad_matches_autodiff():
   model, params = _small()
   x = jax.random.uniform(jax.random.key(5), (10, 6))
   target = jax.random.normal(jax.random.key(6), (10, 6))
-  cot = lambda out: 2.0 * (out - target)
+  cot = lambda out, tgt: 2.0 * (out - tgt)
 
   @jax.jit
   def both(params, x):
     out, vjp = jax.vjp(lambda x: model.apply(params, x, 321), x)
-    mine = apply_with_input_grad(model, params, x, time_condition(model, params, 321), cot)
-    return out, vjp(cot(out))[0], mine
+    cond = time_condition(model, params, 321)
+    whole = apply_with_input_grad(model, params, x, cond, cot, target, chunk=None)
+    chunked = apply_with_input_grad(model, params, x, cond, cot, target, chunk=4)  # 10 = 4+4+2
+    return out, vjp(cot(out, target))[0], whole, chunked
 
-  out, dx, (out2, dx2) = both(params, x)
-  np.testing.assert_allclose(np.asarray(out2), np.asarray(out), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(dx2), np.asarray(dx), rtol=1e-4, atol=1e-5)
+  out, dx, *mine = both(params, x)
+  for out2, dx2 in mine:
+    np.testing.assert_allclose(np.asarray(out2), np.asarray(out), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx2), np.asarray(dx), rtol=1e-4, atol=1e-5)
   assert np.abs(np.asarray(dx)).max() > 1e-2   # a real, non-trivial gradient

@@ -33,6 +33,8 @@ from hsijax import diffusion
 # torch.nn.init.xavier_normal_: N(0, 2 / (fan_in + fan_out)), not truncated.
 xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
 TORCH_LAYERNORM_EPS = 1e-5
+# Pixels per block in `apply_with_input_grad` (activations of a block fit in L2 cache).
+CHUNK_PIXELS = 512
 
 
 class _Linear(nn.Module):
@@ -132,26 +134,57 @@ def time_condition(model: SpectralDenoiser, params: Any, t: Any) -> list[jax.Arr
 
 def apply_with_input_grad(model: SpectralDenoiser, params: Any, x: jax.Array,
                           cond: list[jax.Array],
-                          cotangent_fn: Callable[[jax.Array], jax.Array]
-                          ) -> tuple[jax.Array, jax.Array]:
+                          cotangent_fn: Callable[[jax.Array], jax.Array],
+                          extra: jax.Array | None = None, *,
+                          chunk: int | None = CHUNK_PIXELS) -> tuple[jax.Array, jax.Array]:
   """Forward pass and the gradient w.r.t. the INPUT only, written out by hand (eval mode).
 
   Equivalent to `out, vjp = jax.vjp(lambda x: model.apply(params, x, t), x);
-  dx = vjp(cotangent_fn(out))` for a scalar t (with `cond = time_condition(model, params, t)`),
+  dx = vjp(cotangent_fn(out, extra))` for a scalar t (with
+  `cond = time_condition(model, params, t)`),
   but never forms weight gradients and keeps the backward to the minimum number of passes
   over the (N, hidden) activations: per hidden layer the forward stores only the normalised
   activations, 1 / std per pixel and SiLU'(.); the backward is the LayerNorm / modulation
   chain rule in two fused passes plus one matmul, and the x-facing parts of all layers share
   one matmul (as in the forward). Used by the SDP solver, where the network is frozen.
 
+  The pixels are processed in chunks of `chunk` rows by a sequential lax.map: the whole
+  forward + backward of a chunk then stays in the CPU caches, which measured ~3x faster at
+  4096 x 103 than one pass over all pixels in isolation, ~10% inside the solver (results are
+  identical up to float rounding).
+
   Args:
     model: the module (for its sizes).  params: its variables.
     x: (N, B) inputs.  cond: `time_condition(...)` for the shared timestep.
-    cotangent_fn: out (N, B) -> d loss / d out (N, B).
+    cotangent_fn: (out (n, B), extra (n, ...)) -> d loss / d out (n, B), applied per chunk
+      (`extra` holds per-pixel data the cotangent needs, e.g. the target noise; it is
+      chunked with x; with extra=None the function gets None).
+    extra: optional (N, ...) array passed to cotangent_fn chunk by chunk.
+    chunk: pixels per chunk (None or >= N: a single pass). N is padded (edge rows) to a
+      multiple of it and the padding dropped.
 
   Returns:
     (out (N, B), d loss / d x (N, B)).
   """
+  n = x.shape[0]
+  if chunk is None or n <= chunk:
+    return _apply_with_input_grad(model, params, x, cond,
+                                  lambda out: cotangent_fn(out, extra))
+  pad = -n % chunk
+  padded = lambda a: jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), mode="edge")
+  xs = padded(x).reshape((-1, chunk) + x.shape[1:])
+  es = None if extra is None else padded(extra).reshape((-1, chunk) + extra.shape[1:])
+
+  def one(args):
+    xc, ec = args
+    return _apply_with_input_grad(model, params, xc, cond, lambda out: cotangent_fn(out, ec))
+
+  out, dx = jax.lax.map(one, (xs, es))
+  return out.reshape(-1, out.shape[-1])[:n], dx.reshape(-1, dx.shape[-1])[:n]
+
+
+def _apply_with_input_grad(model, params, x, cond, cotangent_fn):
+  """apply_with_input_grad on one block of pixels (no chunking)."""
   p = params["params"]
   B, H, L = model.num_bands, model.hidden, model.num_layers
   layers = [(p[f"layer_{i}"]["kernel"], p[f"layer_{i}"]["bias"]) for i in range(L)]

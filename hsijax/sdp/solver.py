@@ -113,9 +113,9 @@ def fusion_grad(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.
   if cond is None:
     cond = denoiser.time_condition(model, params, schedule.timesteps[i])
   x_t = diffusion.q_sample(schedule, X, i, eps)
-  eps2 = eps.reshape(-1, B)
   _, d_xt = denoiser.apply_with_input_grad(model, params, x_t.reshape(-1, B), cond,
-                                           lambda out: (2.0 * gam) * (out - eps2))
+                                           lambda out, e: (2.0 * gam) * (out - e),
+                                           eps.reshape(-1, B))
   return g + schedule.sqrt_alphas_cumprod[i] * d_xt.reshape(X.shape)
 
 
