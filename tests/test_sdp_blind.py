@@ -1,5 +1,4 @@
 """Blind PSF / SRF estimation: projections, objective by hand, recovery on a synthetic problem."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
