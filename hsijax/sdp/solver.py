@@ -78,11 +78,18 @@ def fusion_loss(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.
   """
   B = X.shape[-1]
   loss = _data_terms(X, y, z, psf, srf, lam, ratio)
-  if isinstance(gam, (int, float)) and gam == 0:
+  if _is_zero(gam):
     return loss  # Baseline: the prior term (and the network) drops out entirely.
   x_t = diffusion.q_sample(schedule, X, i, eps)
   pred = model.apply(params, x_t.reshape(-1, B), schedule.timesteps[i])
   return loss + gam * jnp.sum((pred - eps.reshape(-1, B)) ** 2)
+
+
+def _is_zero(gam: Any) -> bool:
+  """True for a concrete zero weight (Python or NumPy scalar); False for tracers."""
+  if isinstance(gam, jax.core.Tracer):
+    return False
+  return np.ndim(gam) == 0 and float(gam) == 0.0
 
 
 def _data_terms(X, y, z, psf, srf, lam, ratio):
@@ -107,7 +114,7 @@ def fusion_grad(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.
     return jax.grad(fusion_loss)(X, params, y, z, psf, srf, eps, i, model=model,
                                  schedule=schedule, lam=lam, gam=gam, ratio=ratio)
   g = jax.grad(_data_terms)(X, y, z, psf, srf, lam, ratio)
-  if isinstance(gam, (int, float)) and gam == 0:
+  if _is_zero(gam):
     return g
   B = X.shape[-1]
   if cond is None:
@@ -193,8 +200,7 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
   b1, b2 = betas
   grad_fn = functools.partial(fusion_grad, model=model, schedule=schedule, lam=lam, gam=gam,
                               ratio=ratio)
-  use_cond = isinstance(model, SpectralDenoiser) and not (
-      isinstance(gam, (int, float)) and gam == 0)
+  use_cond = isinstance(model, SpectralDenoiser) and not _is_zero(gam)
 
   def solve(params, y, z, psf, srf, key):
     y, z = jnp.asarray(y, jnp.float32), jnp.asarray(z, jnp.float32)
