@@ -76,24 +76,31 @@ def compile_fn(fn: Callable, *args: Any) -> tuple[Any, float, float]:
   return compiled, t1 - t0, t2 - t1
 
 
-def _timed_repeats(call: Callable[[], Any], repeats: int, warmup: int
-                   ) -> tuple[list[float], list[float]]:
-  """Wall-clock and process-CPU seconds of `repeats` calls after `warmup` calls."""
+def _timed_repeats(call: Callable[[], Any], repeats: int, warmup: int,
+                   companion: Callable[[], Any] | None = None
+                   ) -> tuple[list[float], list[float], list[float]]:
+  """Wall-clock and process-CPU seconds of `repeats` calls after `warmup` calls, and the
+  wall-clock seconds of `companion()` timed right after each repeat (empty if None)."""
   if repeats < 1 or warmup < 0:
     raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, "
                      f"warmup={warmup}")
   for _ in range(warmup):
     call()
-  times, cpu = [], []
+  times, cpu, comp = [], [], []
   for _ in range(repeats):
     c0, t0 = time.process_time(), time.perf_counter()
     call()
     times.append(time.perf_counter() - t0)
     cpu.append(time.process_time() - c0)
-  return times, cpu
+    if companion is not None:
+      t0 = time.perf_counter()
+      companion()
+      comp.append(time.perf_counter() - t0)
+  return times, cpu, comp
 
 
-def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
+            companion: Callable[[], Any] | None = None) -> dict[str, Any]:
   """Times a JAX function: compile separately, then `warmup` calls, then `repeats` calls.
 
   Compilation is measured on its own through `jax.jit(fn).lower(*args).compile()`; every
@@ -104,11 +111,15 @@ def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1) -> dict
     dict with lower_s, compile_s (seconds), step_s (median of the repeats), times (every
     repeat, seconds), cpu_s (median process CPU seconds per call: all threads; on a
     shared machine cpu_s / step_s shows how many cores the call really got), xla_flops (XLA
-    cost analysis of the whole program, or None) and memory (see `memory_stats`).
+    cost analysis of the whole program, or None), memory (see `memory_stats`) and
+    companion_times: with `companion` (a blocking zero-argument callable, e.g. a reference
+    matmul) its time right after each repeat, so both see the same machine load.
   """
   compiled, lower_s, compile_s = compile_fn(fn, *args)
-  times, cpu = _timed_repeats(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup)
+  times, cpu, comp = _timed_repeats(lambda: jax.block_until_ready(compiled(*args)), repeats,
+                                    warmup, companion)
   return {
+      "companion_times": comp,
       "lower_s": lower_s,
       "compile_s": compile_s,
       "step_s": float(np.median(times)),
@@ -120,7 +131,8 @@ def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1) -> dict
 
 
 def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tuple[int, int],
-                  repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+                  repeats: int = 5, warmup: int = 1,
+                  companion: Callable[[], Any] | None = None) -> dict[str, Any]:
   """Steady-state seconds per step of a scanned program, free of per-call costs.
 
   `fn_short` and `fn_long` run the same loop for steps[0] < steps[1] steps. Each timed
@@ -130,8 +142,11 @@ def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tupl
 
   Returns:
     dict with lower_s and compile_s (of fn_long), step_s (median marginal), times (the
-    marginals), overhead_s (median short call minus steps[0] x step_s), call_times
-    {steps[0]: [...], steps[1]: [...]}, xla_flops, memory (of fn_long).
+    marginals), cpu_s (median marginal process-CPU seconds), overhead_s (median short
+    call minus steps[0] x step_s), call_times {steps[0]: [...], steps[1]: [...]},
+    companion_times (as in `time_fn`), xla_flops, memory (of fn_long), marginal_fallback
+    (True when the median marginal was <= 0, i.e. a step is too cheap to resolve against
+    call-to-call jitter; then times = long calls / steps[1], an upper bound).
   """
   n_short, n_long = steps
   if not 0 < n_short < n_long:
@@ -145,7 +160,7 @@ def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tupl
   for _ in range(warmup):
     run(c_short)
     run(c_long)
-  short, long_, cpu = [], [], []
+  short, long_, cpu, comp = [], [], [], []
   for _ in range(repeats):
     c0, t0 = time.process_time(), time.perf_counter()
     run(c_short)
@@ -155,16 +170,25 @@ def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tupl
     short.append(t1 - t0)
     long_.append(t2 - t1)
     cpu.append(((c2 - c1) - (c1 - c0)) / (n_long - n_short))
+    if companion is not None:
+      t0 = time.perf_counter()
+      companion()
+      comp.append(time.perf_counter() - t0)
   marg = [(b - a) / (n_long - n_short) for a, b in zip(short, long_)]
+  fallback = float(np.median(marg)) <= 0
+  if fallback:  # steps too cheap to resolve against call jitter: use the long call / n_long
+    marg = [b / n_long for b in long_]
   step_s = float(np.median(marg))
   return {
       "lower_s": lower_s,
       "compile_s": compile_s,
       "step_s": step_s,
       "times": marg,
-      "cpu_s": float(np.median(cpu)),
+      "cpu_s": float(np.median(cpu)) if not fallback else None,
+      "marginal_fallback": fallback,
       "overhead_s": float(np.median(short)) - n_short * step_s,
       "call_times": {str(n_short): short, str(n_long): long_},
+      "companion_times": comp,
       "xla_flops": xla_flops(c_long),
       "memory": memory_stats(c_long),
   }
@@ -172,7 +196,7 @@ def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tupl
 
 def time_torch(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
   """Times an eager PyTorch callable (no compilation; eager ops are synchronous on CPU)."""
-  times, cpu = _timed_repeats(fn, repeats, warmup)
+  times, cpu, _ = _timed_repeats(fn, repeats, warmup)
   return {"compile_s": 0.0, "step_s": float(np.median(times)), "times": times,
           "cpu_s": float(np.median(cpu))}
 
@@ -320,6 +344,25 @@ def jaxpr_flops(fn: Callable, *args: Any, **kwargs: Any) -> float:
 
 
 # --------------------------------------------------------------------------- peaks
+
+
+def matmul_companion(n: int = 2048) -> tuple[Callable[[], Any], float]:
+  """(blocking call of a compiled (n, n) @ (n, n) float32 matmul, its FLOPs): pass it as
+  `companion` to time_fn / time_marginal for a load-matched peak next to every repeat."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  compiled, _, _ = compile_fn(lambda x, y: x @ y, a, b)
+  jax.block_until_ready(compiled(a, b))
+  return (lambda: jax.block_until_ready(compiled(a, b))), 2.0 * n ** 3
+
+
+def peak_fraction(flops: float, step_times: Sequence[float], companion_times: Sequence[float],
+                  companion_flops: float) -> float | None:
+  """Median over repeats of (achieved FLOP/s) / (companion matmul FLOP/s right after)."""
+  if not companion_times or not flops:
+    return None
+  return float(np.median([(flops / s) / (companion_flops / c)
+                          for s, c in zip(step_times, companion_times) if s > 0 and c > 0]))
 
 
 def measure_matmul_peak(n: int = 2048, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:

@@ -42,6 +42,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/bench", "Output folder for bench.json.")
 
+# (blocking reference matmul, its FLOPs), set by run(): timed after every JAX repeat.
+_COMPANION: list = []
+
 # Acceptance targets: JAX / PyTorch time ratio upper bounds, and matmul-peak fraction.
 RATIO_TARGETS = {"sdm_train": 0.5, "sdp_step": 0.5, "scdm": 0.8}
 PEAK_TARGET = {"sdp_step": 0.7}
@@ -62,14 +65,11 @@ def torch_ready(config) -> bool:
   return True
 
 
-def _time_jax(fn: Callable, *args: Any, config, per: int = 1) -> dict[str, Any]:
-  """bm.time_fn with RSS monitoring; times divided by `per` (steps per call)."""
+def _time_jax(fn: Callable, *args: Any, config) -> dict[str, Any]:
+  """bm.time_fn (one step per call) with resident-memory monitoring."""
   with bm.RSSMonitor() as mon:
-    r = bm.time_fn(fn, *args, repeats=config.repeats, warmup=config.warmup)
-  r["call_s"] = r["step_s"]
-  r["step_s"] = r["step_s"] / per
-  r["times"] = [t / per for t in r["times"]]
-  r["steps_per_call"] = per
+    r = bm.time_fn(fn, *args, repeats=config.repeats, warmup=config.warmup,
+                   companion=_COMPANION[0] if _COMPANION else None)
   r["memory"] = dict(r["memory"] or {}, **mon.as_dict())
   return r
 
@@ -80,13 +80,14 @@ def _time_jax_marginal(build: Callable[[int], Callable], *args: Any, config,
   n1, n2 = (int(s) for s in steps)
   with bm.RSSMonitor() as mon:
     r = bm.time_marginal(build(n1), build(n2), *args, steps=(n1, n2),
-                         repeats=config.repeats, warmup=config.warmup)
+                         repeats=config.repeats, warmup=config.warmup,
+                         companion=_COMPANION[0] if _COMPANION else None)
   r["memory"] = dict(r["memory"] or {}, **mon.as_dict())
   r["xla_flops_program"] = r.pop("xla_flops")
   return r
 
 
-def _time_torch(fn: Callable[[], Any], *, config, per: int = 1) -> dict[str, Any]:
+def _time_torch(fn: Callable[[], Any], *, config) -> dict[str, Any]:
   """Times a torch step at its best thread count among config.torch_threads.
 
   Each candidate count (0 = os.cpu_count(), the cores XLA uses) gets `warmup` calls and one
@@ -112,17 +113,13 @@ def _time_torch(fn: Callable[[], Any], *, config, per: int = 1) -> dict[str, Any
     r = bm.time_torch(fn, repeats=config.repeats, warmup=config.warmup if len(cands) == 1
                       else 0)
   torch_ref.set_threads(cands[0])
-  r["call_s"] = r["step_s"]
-  r["step_s"] = r["step_s"] / per
-  r["times"] = [t / per for t in r["times"]]
-  r["steps_per_call"] = per
   r["threads"] = best
   r["thread_probe_s"] = {str(k): v for k, v in probe.items()}
   r["memory"] = mon.as_dict()
   return r
 
 
-def _finish(name: str, shape: dict, flops: dict, jax_r: dict, torch_r: dict | None,
+def _finish(shape: dict, flops: dict, jax_r: dict, torch_r: dict | None,
             peaks: dict) -> dict[str, Any]:
   """Adds GFLOP/s, peak fractions and the JAX / PyTorch ratio to one workload's record."""
   per_step = flops.get("analytic") or flops.get("jaxpr") or flops.get("xla")
@@ -132,18 +129,24 @@ def _finish(name: str, shape: dict, flops: dict, jax_r: dict, torch_r: dict | No
     if r is None:
       continue
     r["gflops"] = bm.gflops(per_step, r["step_s"])
-    # JAX: against the matmul peak measured just before this workload (same machine load);
-    # torch: against torch's own matmul peak from the start of the run.
-    peak = peaks.get("jax_now", peaks["jax"]["gflops"]) if fw == "jax" else \
-        (peaks.get("torch") or {}).get("gflops")
-    r["fraction_of_matmul_peak"] = r["gflops"] / peak if r["gflops"] and peak else None
-    best = peaks["jax"].get("gflops_max", peaks["jax"]["gflops"])
-    r["fraction_of_best_jax_matmul_peak"] = r["gflops"] / best if r["gflops"] else None
+    # JAX: median over repeats of achieved / matmul GFLOP/s, the reference matmul timed right
+    # after each repeat (same machine load); torch: against torch's matmul peak of the run.
+    frac = None
+    if fw == "jax" and r.get("companion_times") and _COMPANION:
+      frac = bm.peak_fraction(per_step, r["times"], r["companion_times"], _COMPANION[1])
+      r["matmul_peak_interleaved_gflops"] = \
+          _COMPANION[1] / float(np.median(r["companion_times"])) / 1e9
+    elif fw == "torch":
+      peak = (peaks.get("torch") or {}).get("gflops")
+      frac = r["gflops"] / peak if r["gflops"] and peak else None
+    r["fraction_of_matmul_peak"] = frac
+    start = peaks["jax"]["gflops"]
+    r["fraction_of_start_jax_matmul_peak"] = r["gflops"] / start if r["gflops"] else None
   out["ratio_jax_over_torch"] = jax_r["step_s"] / torch_r["step_s"] if torch_r else None
   # Same ratio in process-CPU seconds: robust when other jobs share the cores (wall time
   # then depends on how many cores each framework happened to get).
   out["cpu_ratio_jax_over_torch"] = jax_r["cpu_s"] / torch_r["cpu_s"] \
-      if torch_r and torch_r.get("cpu_s") else None
+      if torch_r and torch_r.get("cpu_s") and jax_r.get("cpu_s") else None
   return out
 
 
@@ -219,7 +222,7 @@ def bench_sdm_train(config, peaks: dict, use_torch: bool) -> dict[str, Any]:
     torch_r = _time_torch(trainer.step, config=config)
   shape = {"batch": s.train_batch, "bands": s.num_bands, "hidden": s.hidden,
            "layers": s.num_layers}
-  return _finish("sdm_train", shape, flops, jax_r, torch_r, peaks)
+  return _finish(shape, flops, jax_r, torch_r, peaks)
 
 
 def bench_sdp_step(config, size: int, peaks: dict, use_torch: bool) -> dict[str, Any]:
@@ -270,7 +273,7 @@ def bench_sdp_step(config, size: int, peaks: dict, use_torch: bool) -> dict[str,
     torch_r = _time_torch(lambda: ref.timestep(500), config=config)
   shape = {"H": size, "W": size, "B": s.num_bands, "b": s.msi_bands, "ratio": s.ratio,
            "psf": s.psf_size, "K": s.K, "hidden": s.hidden, "timed_steps": [n1, n2]}
-  return _finish(f"sdp_step_{size}", shape, flops, jax_r, torch_r, peaks)
+  return _finish(shape, flops, jax_r, torch_r, peaks)
 
 
 # --------------------------------------------------------------------------- SCDM
@@ -384,7 +387,7 @@ def bench_scdm_step(config, unet: str, icmg: bool, peaks: dict,
            "C_cond": c.cond_channels, "base": u.base, "channel_mults": list(u.channel_mults),
            "icmg": icmg, "unet_batch": nb, "params": count_params(params),
            "pdt": c.pdt_target, "timed_steps": [n1, n2]}
-  return _finish(f"scdm_{unet}{'_icmg' if icmg else ''}", shape, flops, jax_r, torch_r, peaks)
+  return _finish(shape, flops, jax_r, torch_r, peaks)
 
 
 def bench_sample(config, unet: str, method: str, step: dict, use_torch: bool) -> dict[str, Any]:
@@ -527,12 +530,12 @@ def format_table(record: dict[str, Any]) -> str:
           _fmt(r.get("ratio_jax_over_torch"), "{:.2f}"), "",
           _fmt(r["flops_total"] / 1e9, "{:.4g}"), "", "", "", ""]))
   pk = record["matmul_peak"]
-  lines.append(f"matmul peak ({pk['jax']['n']}^3 float32): JAX {pk['jax']['gflops']:.1f} GFLOP/s "
-               f"(best in run {pk['jax'].get('gflops_max', pk['jax']['gflops']):.1f})"
+  lines.append(f"matmul peak ({pk['jax']['n']}^3 float32, start of run): JAX "
+               f"{pk['jax']['gflops']:.1f} GFLOP/s"
                + (f", torch {pk['torch']['gflops']:.1f} GFLOP/s" if pk.get("torch") else "")
-               + ". %peak: JAX GFLOP/s over the JAX matmul peak measured just before the "
-               "workload. cpu ratio: JAX / PyTorch process-CPU seconds per step. ~ = estimated "
-               "from the per-step time.")
+               + ". %peak: median over repeats of JAX GFLOP/s / the same matmul's GFLOP/s "
+               "timed right after each repeat. cpu ratio: JAX / PyTorch process-CPU seconds "
+               "per step. ~ = estimated from the per-step time.")
   return "\n".join(lines)
 
 
@@ -591,7 +594,7 @@ def run(config, workdir) -> dict[str, Any]:
       "torch_reference": use_torch,
   }
   peaks = {"jax": bm.measure_matmul_peak(config.matmul_n, repeats=config.repeats)}
-  peaks["jax"]["gflops_max"] = peaks["jax"]["gflops"]
+  _COMPANION[:] = bm.matmul_companion(config.matmul_n)
   peaks["torch"] = None
   if use_torch:  # best over the candidate thread counts, as for the workloads
     from hsijax import torch_ref
@@ -613,19 +616,14 @@ def run(config, workdir) -> dict[str, Any]:
     t0 = time.perf_counter()
     load = os.getloadavg()
     if name not in done:
-      # The machine may be shared: re-measure the matmul peak right before each workload.
-      now = bm.measure_matmul_peak(config.matmul_n, repeats=3)["gflops"]
-      peaks["jax_now"] = now
-      peaks["jax"]["gflops_max"] = max(peaks["jax"].get("gflops_max", 0.0), now)
       done[name] = run_workload(name, config, peaks, use_torch, done)
-      done[name]["matmul_peak_now_gflops"] = now
     record["workloads"][name] = done[name]
     record["workloads"][name]["wall_s"] = time.perf_counter() - t0
     record["workloads"][name]["loadavg"] = load
     record["targets"] = check_targets(record["workloads"])
     common.write_json(path, record)
   _SCDM_CACHE.clear()
-  peaks.pop("jax_now", None)
+  _COMPANION.clear()
   record["wall_s"] = time.perf_counter() - t_start
   record["machine"]["loadavg_end"] = os.getloadavg()
   record["targets"] = check_targets(record["workloads"])

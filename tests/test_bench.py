@@ -84,7 +84,10 @@ def test_xla_flops_of_matmul():
 
 def test_time_fn_fields():
   a = jnp.arange(64.0).reshape(8, 8)
-  r = bm.time_fn(lambda a: jnp.tanh(a @ a), a, repeats=5, warmup=2)
+  calls = []
+  r = bm.time_fn(lambda a: jnp.tanh(a @ a), a, repeats=5, warmup=2,
+                 companion=lambda: calls.append(1))
+  assert len(calls) == 5 and len(r["companion_times"]) == 5
   assert r["compile_s"] >= 0 and r["lower_s"] >= 0
   assert len(r["times"]) == 5 and all(t > 0 for t in r["times"])
   assert r["step_s"] == np.median(r["times"])
@@ -105,6 +108,12 @@ def test_time_marginal_fields():
   assert r["compile_s"] >= 0
   with pytest.raises(ValueError, match="short"):
     bm.time_marginal(looped(2), looped(2), a, steps=(2, 2))
+
+
+def test_peak_fraction():
+  # 10 GFLOP in 0.5 s (20 GFLOP/s) next to a 4 GFLOP matmul in 0.1 s (40 GFLOP/s): 0.5.
+  assert bm.peak_fraction(10e9, [0.5, 0.5, 1.0], [0.1, 0.1, 0.1], 4e9) == pytest.approx(0.5)
+  assert bm.peak_fraction(10e9, [0.5], [], 4e9) is None
 
 
 def test_time_torch_fields():
