@@ -181,9 +181,9 @@ def run_solver(model, params, y, z, psf, srf, ratio: int, cfg: Any, *, gam: floa
   schedule = solver_schedule(cfg)
   s = cfg.solver
   solve = sdp.make_solver(model, schedule, lam=float(s.lam), gam=float(gam),
-                          lr=float(s.lr) * float(s.lr_scale), K=int(s.K),
-                          weight_decay=float(s.weight_decay), ema_decay=float(s.ema),
-                          init=s.init, ratio=ratio)
+                          lr=float(s.lr), K=int(s.K), weight_decay=float(s.weight_decay),
+                          ema_decay=float(s.ema), init=s.init, ratio=ratio,
+                          lr_scale=None if s.lr_scale is None else float(s.lr_scale))
   key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
   with progress.bar(schedule.num_steps, desc=desc):
     x = solve(params, y, z, psf, srf, key)
