@@ -104,7 +104,11 @@ def test_time_marginal_fields():
   assert r["step_s"] == np.median(r["times"]) and len(r["times"]) == 3
   assert set(r["call_times"]) == {"2", "5"} and len(r["call_times"]["5"]) == 3
   marg = [(b - s) / 3 for s, b in zip(r["call_times"]["2"], r["call_times"]["5"])]
-  np.testing.assert_allclose(r["times"], marg)
+  # A tiny loop body can be below call-to-call jitter: then the documented fallback (long
+  # call / its step count, an upper bound) replaces the non-positive marginal times.
+  assert r["marginal_fallback"] == (np.median(marg) <= 0)
+  expected = [b / 5 for b in r["call_times"]["5"]] if r["marginal_fallback"] else marg
+  np.testing.assert_allclose(r["times"], expected)
   assert r["compile_s"] >= 0
   with pytest.raises(ValueError, match="short"):
     bm.time_marginal(looped(2), looped(2), a, steps=(2, 2))
