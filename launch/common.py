@@ -119,3 +119,24 @@ def format_table(rows: dict[str, dict[str, float]], keys: list[str] | None = Non
     cells = "".join((fmt.format(vals[k]) if k in vals else "-").rjust(12) for k in keys)
     lines.append(name.ljust(width) + cells)
   return "\n".join(lines)
+
+
+def run_main(run_fn, default_config: str, default_workdir: str, what: str = "Config") -> None:
+  """The `__main__` of an entry point: defines --config / --workdir and calls run_fn(cfg, dir).
+
+  Flags are defined here, at run time rather than import time, so tests can import every
+  entry point in one process.
+  """
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", default_config, f"{what} file and preset.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", default_workdir, "Output folder.")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    run_fn(flags.FLAGS.config, flags.FLAGS.workdir)
+
+  app.run(main)

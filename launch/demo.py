@@ -10,8 +10,6 @@ writes DIR/metrics.json, DIR/fusion.png and DIR/band_psnr.png. A few minutes on 
 """
 from __future__ import annotations
 
-from absl import app, flags
-from ml_collections import config_flags
 
 from configs import sdp as sdp_config
 from launch import common, sdp_pipeline
@@ -38,15 +36,5 @@ def run(config, workdir: str) -> dict:
   return table
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so tests can import every entry point at once.
-  config_flags.DEFINE_config_file("config", "configs/sdp.py:demo", "SDP config file and preset.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", "workdirs/demo", "Output folder.")
-  app.run(main)
+  common.run_main(run, "configs/sdp.py:demo", "workdirs/demo", "SDP config")

@@ -24,13 +24,10 @@ import time
 
 import ml_collections
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from configs import sdp as sdp_config
 from hsijax import data
 from launch import common, sdp_pipeline
-
 
 
 def _load(spec: str, flag: str, ndim: tuple[int, ...]) -> np.ndarray:
@@ -137,15 +134,5 @@ def run(config, workdir: str) -> dict:
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so tests can import every entry point at once.
-  config_flags.DEFINE_config_file("config", "configs/sdp.py:real", "SDP config file and preset.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", "workdirs/fuse", "Output folder.")
-  app.run(main)
+  common.run_main(run, "configs/sdp.py:real", "workdirs/fuse", "SDP config")

@@ -19,13 +19,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from configs import sdp as sdp_config
 from hsijax import data, degrade
 from launch import common, sdp_pipeline
-
 
 
 def training_pixels(cfg) -> tuple[np.ndarray, str]:
@@ -70,15 +67,5 @@ def run(config, workdir: str) -> dict:
   return out
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so tests can import every entry point at once.
-  config_flags.DEFINE_config_file("config", "configs/sdp.py:demo", "SDP config file and preset.",
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", "workdirs/train_sdm", "Output folder.")
-  app.run(main)
+  common.run_main(run, "configs/sdp.py:demo", "workdirs/train_sdm", "SDP config")
