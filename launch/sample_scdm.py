@@ -179,12 +179,25 @@ def make_cascade(cfg, meta: dict[str, Any], settings: list[dict[str, Any]]):
 
 
 def sample_image(sample_cascade, stage_params, rgb_norm: np.ndarray, key: jax.Array, mesh,
-                 tile: int, tiles_per_call: int, factor: int, total_steps: int = 0
-                 ) -> np.ndarray:
-  """Tiled, sharded cascade sampling of one normalised (H, W, 3) image -> (H, W, N)."""
+                 tile: int, tiles_per_call: int, factor: int, total_steps: int = 0,
+                 overlap: int = -1) -> np.ndarray:
+  """Tiled, sharded cascade sampling of one normalised (H, W, 3) image -> (H, W, N).
+
+  Tiles are `tile` x `tile` (at most the image; a multiple of `factor`), overlapping by
+  `overlap` pixels (-1: a quarter tile) and blended linearly. GroupNorm statistics are per
+  tile, so sampling at the training crop size keeps them as in training.
+  """
   h, w = rgb_norm.shape[:2]
   tile = min(int(tile), h, w) // factor * factor
-  overlap = 0 if tile >= max(h, w) else max(factor, (tile // 4) // factor * factor)
+  if tile < factor:
+    raise ValueError(f"sample.tile must be at least {factor} (the U-Net's downsampling "
+                     f"factor), got {tile}")
+  if tile >= max(h, w):
+    overlap = 0
+  elif overlap < 0:
+    overlap = max(factor, (tile // 4) // factor * factor)
+  else:
+    overlap = int(overlap) // factor * factor
   grid = tiling.make_grid(h, w, tile, overlap, multiple=factor)
   windows = np.asarray(tiling.extract(jnp.asarray(rgb_norm), grid))
   n_data = mesh.shape[sharding.DATA_AXIS]
@@ -275,12 +288,12 @@ def run(cfg, workdir) -> dict[str, Any]:
   mesh = sharding.make_mesh(cfg.mesh)
   t0 = time.perf_counter()
   cascade, total_steps = make_cascade(cfg, meta, settings)
-  mean, std = meta["norm_mean"], meta["norm_std"]
   key = jax.random.fold_in(jax.random.key(int(cfg.seed)), 1_000_003)
-  x_norm = sample_image(cascade, params, (rgb - mean) / std, key, mesh, cfg.sample.tile,
+  rgb_norm = train_scdm.encode(meta, rgb, meta["rgb_bands"])
+  x_norm = sample_image(cascade, params, rgb_norm, key, mesh, cfg.sample.tile,
                         cfg.sample.tiles_per_call, model_factor(meta),
-                        total_steps)
-  x = (x_norm * std + mean).astype(np.float32)
+                        total_steps, int(cfg.sample.overlap))
+  x = train_scdm.decode(meta, x_norm)
   seconds = time.perf_counter() - t0
   common.save_npz(workdir / "samples.npz", X=x, rgb=rgb)
   out: dict[str, Any] = {}

@@ -118,17 +118,42 @@ def downsampling_factor(cfg) -> int:
   return 2 ** (len(tuple(cfg.model.channel_mults)) - 1)
 
 
-def resolve_normaliser(cfg, train_images: np.ndarray) -> tuple[float, float]:
-  """(mean, std): the config's values, or the training cube's global mean / std."""
+def resolve_normaliser(cfg, train_images: np.ndarray) -> tuple[Any, Any]:
+  """(mean, std): the config's values, or the training cube's statistics.
+
+  Scalars by default; per-band (N,) lists when `data.norm_per_band` (then a missing
+  mean / std is measured per band, so faint bands are not drowned by bright ones).
+  """
+  per_band = bool(cfg.data.get("norm_per_band", False))
+  axes = tuple(range(train_images.ndim - 1)) if per_band else None
   mean, std = cfg.data.norm_mean, cfg.data.norm_std
   if mean is None:
-    mean = float(np.mean(train_images, dtype=np.float64))
+    mean = np.mean(train_images, axis=axes, dtype=np.float64)
   if std is None:
-    std = float(np.std(train_images, dtype=np.float64))
-  if not std > 0:
-    raise ValueError(f"normalisation std must be > 0, got {std}; the training cube is "
-                     "constant or --config.data.norm_std is wrong")
-  return float(mean), float(std)
+    std = np.std(train_images, axis=axes, dtype=np.float64)
+  if not np.all(np.asarray(std) > 0):
+    raise ValueError(f"normalisation std must be > 0, got {std}; the training cube (or a "
+                     "band of it) is constant, or --config.data.norm_std is wrong")
+  as_json = lambda v: float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
+  return as_json(mean), as_json(std)
+
+
+def encode(meta: dict[str, Any], x: np.ndarray, bands: Any = None) -> np.ndarray:
+  """(x - mean) / std for data whose last axis holds `bands` of the cube (default all)."""
+  mean, std = _norm_arrays(meta, bands)
+  return ((np.asarray(x, np.float32) - mean) / std).astype(np.float32)
+
+
+def decode(meta: dict[str, Any], x: np.ndarray, bands: Any = None) -> np.ndarray:
+  """Inverse of `encode`: back to the data's original units."""
+  mean, std = _norm_arrays(meta, bands)
+  return (np.asarray(x, np.float32) * std + mean).astype(np.float32)
+
+
+def _norm_arrays(meta: dict[str, Any], bands: Any) -> tuple[np.ndarray, np.ndarray]:
+  pick = lambda v: v[list(bands)] if bands is not None and v.ndim else v
+  return (pick(np.asarray(meta["norm_mean"], np.float32)),
+          pick(np.asarray(meta["norm_std"], np.float32)))
 
 
 def make_meta(cfg, num_bands: int, mean: float, std: float,
@@ -171,7 +196,7 @@ def write_or_check_meta(workdir: pathlib.Path, meta: dict[str, Any]) -> dict[str
       raise ValueError(f"{workdir} already holds stages trained with a different {k} "
                        f"({old[k]} vs now {meta[k]}); use a new --workdir or the old settings")
   for k in ("norm_mean", "norm_std"):
-    if not np.isclose(old[k], meta[k], rtol=1e-4):
+    if np.shape(old[k]) != np.shape(meta[k]) or not np.allclose(old[k], meta[k], rtol=1e-4):
       raise ValueError(f"{workdir} was trained with {k} = {old[k]}, now {meta[k]}; train on "
                        "the same data, or set --config.data.norm_mean/norm_std to the old "
                        "values, or use a new --workdir")
@@ -279,7 +304,7 @@ def prepare(cfg, workdir: pathlib.Path) -> tuple[dict[str, Any], np.ndarray]:
   check_crop(cfg, train)
   mean, std = resolve_normaliser(cfg, train)
   meta = write_or_check_meta(workdir, make_meta(cfg, cube.shape[-1], mean, std))
-  images_norm = ((train - meta["norm_mean"]) / meta["norm_std"]).astype(np.float32)
+  images_norm = encode(meta, train)
   return meta, images_norm
 
 

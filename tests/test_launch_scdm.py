@@ -104,8 +104,8 @@ def test_train_and_sample_end_to_end(tmp_path):
   meta = json.loads((wd / "scdm_meta.json").read_text())
   assert meta["band_sets"] == [[0, 2, 4, 6], list(range(8))]
   train = np.stack(train_scdm.quadrants(cube)[:3])
-  np.testing.assert_allclose([meta["norm_mean"], meta["norm_std"]],
-                             [train.mean(), train.std()], rtol=1e-5)
+  np.testing.assert_allclose(meta["norm_mean"], train.mean((0, 1, 2)), rtol=1e-5)  # per band
+  np.testing.assert_allclose(meta["norm_std"], train.std((0, 1, 2)), rtol=1e-5)
 
   out = sample_scdm.run(cfg, wd)
   with np.load(wd / "samples.npz") as f:
@@ -226,3 +226,25 @@ def test_scores_and_table():
   np.testing.assert_allclose(s["rmse"], np.sqrt(np.mean(ref ** 2)))
   table = evaluate_scdm.markdown_table({"linear": s}, {"linear": 0.5})
   assert table.count("\n") == 3 and "| linear |" in table
+
+
+def test_normaliser_scalar_and_per_band(tmp_path):
+  rng = np.random.default_rng(0)
+  train = rng.uniform(100, 5000, size=(3, 4, 4, 6)) * np.linspace(0.1, 1, 6)
+  cfg = _cfg(tmp_path / "unused.npz", **{"data.norm_per_band": False})
+  mean, std = train_scdm.resolve_normaliser(cfg, train)
+  np.testing.assert_allclose([mean, std], [train.mean(), train.std()], rtol=1e-12)
+  cfg.data.norm_per_band = True
+  mean, std = train_scdm.resolve_normaliser(cfg, train)
+  np.testing.assert_allclose(mean, train.mean((0, 1, 2)), rtol=1e-12)
+  np.testing.assert_allclose(std, train.std((0, 1, 2)), rtol=1e-12)
+  meta = {"norm_mean": mean, "norm_std": std}
+  z = train_scdm.encode(meta, train)
+  np.testing.assert_allclose(z.mean((0, 1, 2)), 0, atol=1e-4)
+  np.testing.assert_allclose(z.std((0, 1, 2)), 1, atol=1e-4)
+  np.testing.assert_allclose(train_scdm.decode(meta, z), train, rtol=1e-5)
+  # A band subset (e.g. the RGB bands) uses those bands' statistics.
+  np.testing.assert_allclose(train_scdm.encode(meta, train[..., [0, 3, 5]], [0, 3, 5]),
+                             z[..., [0, 3, 5]], rtol=1e-5, atol=1e-5)
+  cfg.data.norm_mean, cfg.data.norm_std = 3693.0, 7410.0  # fixed values win
+  assert train_scdm.resolve_normaliser(cfg, train) == (3693.0, 7410.0)
