@@ -32,8 +32,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from hsijax import linear_baseline, sharding
 from launch import common, sample_scdm, train_scdm
@@ -205,20 +203,5 @@ def band_psnr_figure(reference: np.ndarray, outputs: dict[str, np.ndarray]):
   return fig
 
 
-def define_flags():
-  """Command-line flags; defined only when run as a script, so the helpers here can be
-  imported by the other SCDM entry points without clashing flag names."""
-  config = config_flags.DEFINE_config_file(
-      "config", "configs/scdm.py:tiny", "SCDM config file and preset.", lock_config=True)
-  workdir = flags.DEFINE_string("workdir", "workdirs/scdm_eval", "Output folder.")
-  return config, workdir
-
-
-def main(argv):
-  del argv
-  run(_FLAGS[0].value, _FLAGS[1].value)
-
-
 if __name__ == "__main__":
-  _FLAGS = define_flags()
-  app.run(main)
+  common.run_main(run, "configs/scdm.py:tiny", "workdirs/scdm_eval", "SCDM config")

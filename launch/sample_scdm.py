@@ -28,8 +28,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from hsijax import diffusion, metrics_np, progress, sharding, tiling
 from hsijax.scdm import sampler
@@ -319,21 +317,5 @@ def train_metrics(workdir: pathlib.Path) -> dict[str, Any]:
   return {k: v for k, v in old.items() if k.startswith("stage")}
 
 
-def define_flags():
-  """Command-line flags; defined only when run as a script, so the helpers here can be
-  imported by the other SCDM entry points without clashing flag names."""
-  config = config_flags.DEFINE_config_file(
-      "config", "configs/scdm.py:tiny", "SCDM config file and preset.", lock_config=True)
-  workdir = flags.DEFINE_string("workdir", "workdirs/scdm",
-                                "Folder holding the trained stages; outputs go here too.")
-  return config, workdir
-
-
-def main(argv):
-  del argv
-  run(_FLAGS[0].value, _FLAGS[1].value)
-
-
 if __name__ == "__main__":
-  _FLAGS = define_flags()
-  app.run(main)
+  common.run_main(run, "configs/scdm.py:tiny", "workdirs/scdm", "SCDM config")
