@@ -151,6 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.dropout = 0.1
   c.model.groups = 32
   c.model.cond_rgb = False  # later stages: also condition on the RGB input (off = paper)
+  c.model.prediction = "eps"  # network target: "eps" (paper) | "v" (sqrt(abar) eps - sqrt(1-abar) x0)
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.schedule = "linear"

@@ -165,6 +165,41 @@ def eps_from_x0(sched: Schedule, x_t: jax.Array, i: jax.Array, x0: jax.Array) ->
       _at(sched.sqrt_one_minus_alphas_cumprod, i, x_t)
 
 
+PREDICTIONS = ("eps", "v")
+
+
+def v_target(sched: Schedule, x0: jax.Array, i: jax.Array, eps: jax.Array) -> jax.Array:
+  """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho's velocity target)."""
+  return _at(sched.sqrt_alphas_cumprod, i, x0) * eps - \
+      _at(sched.sqrt_one_minus_alphas_cumprod, i, x0) * x0
+
+
+def eps_from_v(sched: Schedule, x_t: jax.Array, i: jax.Array, v: jax.Array) -> jax.Array:
+  """eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t (exact inverse of `v_target` given x_t)."""
+  return _at(sched.sqrt_alphas_cumprod, i, x_t) * v + \
+      _at(sched.sqrt_one_minus_alphas_cumprod, i, x_t) * x_t
+
+
+def x0_from_v(sched: Schedule, x_t: jax.Array, i: jax.Array, v: jax.Array) -> jax.Array:
+  """x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (no division: bounded at t = T)."""
+  return _at(sched.sqrt_alphas_cumprod, i, x_t) * x_t - \
+      _at(sched.sqrt_one_minus_alphas_cumprod, i, x_t) * v
+
+
+def eps_from_prediction(sched: Schedule, x_t: jax.Array, i: jax.Array, out: jax.Array,
+                        prediction: str = "eps") -> jax.Array:
+  """The noise implied by a network output that predicts `prediction` ("eps" or "v").
+
+  Every sampler works on eps; a v-model's output is converted here. The map is affine in
+  `out` for fixed x_t, so guidance mixes (ICMG) give the same result before or after it.
+  """
+  if prediction == "eps":
+    return out
+  if prediction == "v":
+    return eps_from_v(sched, x_t, i, out)
+  raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS}")
+
+
 def q_posterior_mean(sched: Schedule, x0: jax.Array, x_t: jax.Array,
                      i: jax.Array) -> jax.Array:
   """Mean of q(x_{t-1} | x_t, x0)."""

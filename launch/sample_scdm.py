@@ -173,6 +173,7 @@ def make_cascade(cfg, meta: dict[str, Any], settings: list[dict[str, Any]]):
       str(cfg.sample.respacing))
   return sampler.make_cascade_sampler(models, [sched] * len(models), settings,
                                    include_rgb=bool(meta["model"].get("cond_rgb", False)),
+                                   prediction=train_scdm.prediction_of(meta),
                                    jit=False), len(models) * sched.num_steps
 
 

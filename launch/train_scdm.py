@@ -213,6 +213,12 @@ def build_model(cfg_model, out_channels: int) -> unet.CondUNet:
       mid_attn=bool(m["mid_attn"]), dropout=float(m["dropout"]), groups=int(m["groups"]))
 
 
+def prediction_of(meta: dict[str, Any]) -> str:
+  """What the stages' networks output: "eps" (the paper; also runs from before the option)
+  or "v"."""
+  return str(meta["model"].get("prediction", "eps"))
+
+
 def stage_channels(meta: dict[str, Any], k: int) -> tuple[int, int]:
   """(output bands, condition channels) of stage k."""
   out = len(meta["band_sets"][k])
@@ -276,7 +282,7 @@ def train_stage(cfg, meta: dict[str, Any], images_norm: np.ndarray, k: int,
       seed=int(cfg.seed) * 1000 + k, workdir=stage_dir(workdir, k).parent,
       checkpoint_every=int(cfg.train.checkpoint_every),
       max_to_keep=int(cfg.train.max_to_keep), mesh=mesh, log_every=int(cfg.train.log_every),
-      desc=f"stage {k} ({out} bands)")
+      desc=f"stage {k} ({out} bands)", prediction=prediction_of(meta))
   final_loss = history["loss"][-1] if history["loss"] else None
   return {"final_loss": final_loss, "steps": int(np.asarray(state.step)),
           "seconds": time.perf_counter() - t0, "num_bands": out,

@@ -61,6 +61,30 @@ def test_q_sample_and_x0_roundtrip_per_example_timesteps():
   np.testing.assert_allclose(diffusion.eps_from_x0(s, x_t, i, x0), eps, atol=1e-4)
 
 
+def test_v_parameterisation_closed_forms_and_roundtrip():
+  s = diffusion.make_schedule("linear", 1000)
+  rng = np.random.default_rng(2)
+  x0 = rng.uniform(-1, 1, size=(3, 5)).astype(np.float32)
+  eps = rng.normal(size=(3, 5)).astype(np.float32)
+  i = jnp.array([0, 500, 999])
+  ab = np.asarray(s.alphas_cumprod, np.float64)[[0, 500, 999]][:, None]
+  v = diffusion.v_target(s, x0, i, eps)
+  np.testing.assert_allclose(v, np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0, rtol=1e-5, atol=1e-6)
+  x_t = diffusion.q_sample(s, x0, i, eps)
+  # From x_t and the true v both x0 and eps come back; x0 without the 1 / sqrt(abar) blow-up
+  # of the eps form (at t = 999 that factor is ~156).
+  np.testing.assert_allclose(diffusion.x0_from_v(s, x_t, i, v), x0, atol=1e-5)
+  np.testing.assert_allclose(diffusion.eps_from_v(s, x_t, i, v), eps, atol=1e-5)
+  np.testing.assert_allclose(diffusion.eps_from_prediction(s, x_t, i, v, "v"), eps, atol=1e-5)
+  assert diffusion.eps_from_prediction(s, x_t, i, eps, "eps") is eps
+  # A v error of 0.1 moves x0 by at most 0.1, an eps error of 0.1 by 0.1 sqrt(1-ab)/sqrt(ab).
+  dv = np.full_like(v, 0.1)
+  assert np.max(np.abs(diffusion.x0_from_v(s, x_t, i, v + dv) - x0)) <= 0.1 + 1e-5
+  assert np.max(np.abs(diffusion.x0_from_eps(s, x_t, i, eps + dv) - x0)) > 10.0
+  with pytest.raises(ValueError, match="prediction"):
+    diffusion.eps_from_prediction(s, x_t, i, v, "x0")
+
+
 def test_ddpm_step_noise_scale_and_last_step_deterministic():
   s = diffusion.make_schedule("linear", 100)
   x_t = jnp.zeros((4,))

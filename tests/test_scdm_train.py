@@ -66,6 +66,31 @@ def test_loss_matches_numpy(setup, loss_type):
     assert np.array_equal(cond[n], batch["cond"][n]) or not np.any(cond[n])
 
 
+def test_v_prediction_loss_matches_numpy(setup):
+  model, state, _ = setup
+  batch, key = _batch(1), jax.random.key(4)
+  loss, aux = jax.jit(lambda p, b, k: train.compute_loss(
+      p, model, SCHED, b, k, loss_type="mse", sam_weight=0.7, cond_drop=0.0,
+      prediction="v"))(state.params, batch, key)
+  i, eps = np.asarray(aux["i"]), np.asarray(aux["eps"], np.float64)
+  a = np.cumprod(1 - diffusion.linear_betas(1000))[i][:, None, None, None]
+  x0 = np.asarray(batch["x"], np.float64)
+  x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * eps
+  v_pred = np.asarray(model.apply({"params": state.params}, jnp.float32(x_t),
+                                  batch["cond"], jnp.asarray(i)), np.float64)
+  v = np.sqrt(a) * eps - np.sqrt(1 - a) * x0
+  x0_pred = np.sqrt(a) * x_t - np.sqrt(1 - a) * v_pred
+  na, nb = np.linalg.norm(x0_pred, axis=-1), np.linalg.norm(x0, axis=-1)
+  cos = np.sum(x0_pred * x0, -1) / np.maximum(na * nb, 1e-8)
+  want = np.mean((v - v_pred) ** 2) + 0.7 * (1.0 - cos.mean())
+  np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+  # Not the eps loss by accident.
+  eps_loss = np_loss(batch["x"], eps, v_pred, a[:, 0, 0, 0], "mse", 0.7)
+  assert abs(eps_loss - want) > 1e-3
+  with pytest.raises(ValueError, match="prediction"):
+    train.make_train_step(model, SCHED, train.make_optimizer(), prediction="x0")
+
+
 def test_train_step_reports_loss_and_ema_starts_after_ema_start(setup):
   model, state, step = setup
   batch = _batch(1)

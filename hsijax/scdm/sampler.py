@@ -6,6 +6,7 @@ One reverse step at schedule position i (original timestep t = sched.timesteps[i
   x_t    = pdt_clamp_x(x_t, p)                          only for pdt_target = "x" (code)
   eps_c, eps_0 = net(x_t | cond), net(x_t | 0)          ONE call on a (2N, ...) batch
   eps    = eps_c + s (eps_c - eps_0)                    ICMG (s = 0: a single plain call)
+  eps    = eps_from_v(x_t, eps)                         only for a v-prediction model
   eps    = pdt_clamp_eps(eps, p)                        only for pdt_target = "eps" (paper)
   x_{t-1} = DDPM ancestral step (sigma^2 = beta_t) or DDIM step (eta) on the schedule
 
@@ -193,8 +194,11 @@ def num_timesteps_of(schedule: diffusion.Schedule) -> int:
 
 def sampler_step(apply_fn: ApplyFn, params: Any, sched: diffusion.Schedule, x: jax.Array,
                  i: jax.Array, cond: jax.Array, noise: jax.Array, settings: SamplerSettings,
-                 num_timesteps: int) -> jax.Array:
-  """One reverse step x_t -> x_{prev} at schedule position i (see the module docstring)."""
+                 num_timesteps: int, prediction: str = "eps") -> jax.Array:
+  """One reverse step x_t -> x_{prev} at schedule position i (see the module docstring).
+
+  prediction: what the network outputs ("eps", or "v" converted to eps after guidance).
+  """
   t = sched.timesteps[i]
   p = pdt_percentile(t, num_timesteps, settings.pdt_p_T)
   p_min = min(float(settings.pdt_p_T), 1.0)
@@ -202,18 +206,21 @@ def sampler_step(apply_fn: ApplyFn, params: Any, sched: diffusion.Schedule, x: j
     x = pdt_clamp_x(x, p, p_min)
   eps = guided_eps(apply_fn, params, x, cond, jnp.full((x.shape[0],), t, jnp.int32),
                    settings.guidance_scale)
+  eps = diffusion.eps_from_prediction(sched, x, i, eps, prediction)
   if settings.pdt_target == "eps":
     eps = pdt_clamp_eps(eps, p, p_min)
   return SAMPLERS[settings.method](sched, x, i, eps, noise, settings)
 
 
 def _stage_sampler(model: Any, schedule: diffusion.Schedule, settings: SamplerSettings,
-                   progress_offset: int, progress_every: int | None):
+                   progress_offset: int, progress_every: int | None, prediction: str = "eps"):
   """Unjitted sample(params, cond, key) -> (N, H, W, model.out_channels) for one stage."""
   apply_fn = apply_fn_of(model)
   out_channels = int(model.out_channels)
   n = schedule.num_steps
   T = num_timesteps_of(schedule)
+  if prediction not in diffusion.PREDICTIONS:
+    raise ValueError(f"unknown prediction {prediction!r}; use one of {diffusion.PREDICTIONS}")
 
   def sample(params, cond, key):
     cond = jnp.asarray(cond, jnp.float32)
@@ -225,7 +232,8 @@ def _stage_sampler(model: Any, schedule: diffusion.Schedule, settings: SamplerSe
 
     def body(x, i):
       noise = jax.random.normal(jax.random.fold_in(k_noise, i), x.shape, x.dtype)
-      x = sampler_step(apply_fn, params, schedule, x, i, cond, noise, settings, T)
+      x = sampler_step(apply_fn, params, schedule, x, i, cond, noise, settings, T,
+                       prediction)
       if progress_every:
         progress.tick(progress_offset + n - i, every=progress_every)
       return x, None
@@ -239,7 +247,7 @@ def _stage_sampler(model: Any, schedule: diffusion.Schedule, settings: SamplerSe
 def make_sampler(model: Any, schedule: diffusion.Schedule, *, method: str = "ddpm",
                  guidance_scale: float = 0.0, pdt_target: str | None = None,
                  pdt_p_T: float = 1.0, eta: float = 0.0, variance: str = "beta",
-                 progress_every: int | None = 10, jit: bool = True):
+                 progress_every: int | None = 10, prediction: str = "eps", jit: bool = True):
   """Builds sample(params, cond (N, H, W, C_cond), key) -> (N, H, W, C_out).
 
   The reverse chain over all `schedule.num_steps` positions is one lax.scan. `params` is
@@ -247,11 +255,12 @@ def make_sampler(model: Any, schedule: diffusion.Schedule, *, method: str = "ddp
   the function is jitted; wrap it again with jax.jit(..., in_shardings=...,
   out_shardings=...) to shard the batch (or tiles) over the mesh. Inside an open
   `progress.bar(schedule.num_steps)` it reports every `progress_every` steps.
+  `prediction` is what the model was trained to output ("eps" or "v").
   """
   settings = SamplerSettings(method=method, guidance_scale=float(guidance_scale),
                              pdt_target=pdt_target, pdt_p_T=float(pdt_p_T), eta=float(eta),
                              variance=variance)
-  fn = _stage_sampler(model, schedule, settings, 0, progress_every)
+  fn = _stage_sampler(model, schedule, settings, 0, progress_every, prediction)
   return jax.jit(fn) if jit else fn
 
 
@@ -259,22 +268,29 @@ def make_cascade_sampler(stage_models: Sequence[Any],
                          stage_schedules: Sequence[diffusion.Schedule],
                          stage_settings: Sequence[Any], *,
                          include_rgb: bool = False, progress_every: int | None = 10,
-                         return_stages: bool = False, jit: bool = True):
+                         return_stages: bool = False, prediction: Any = "eps",
+                         jit: bool = True):
   """Builds sample_cascade(stage_params (list), rgb (N, H, W, 3), key) -> (N, H, W, N_bands).
 
   Stage k runs its own scan with key fold_in(key, k) and is conditioned on
   cascade.stage_condition(k, rgb, output of stage k - 1, include_rgb). All stages run in
   one jitted program; the result is the last stage's output (with return_stages=True, the
   list of every stage's output). Progress counts sum(schedule.num_steps) steps in total.
+  `prediction`: what the models output, "eps" or "v" (one value, or one per stage).
   """
   if not (len(stage_models) == len(stage_schedules) == len(stage_settings)) or \
       not stage_models:
     raise ValueError(f"need one model, schedule and settings per stage, got "
                      f"{len(stage_models)}, {len(stage_schedules)}, {len(stage_settings)}")
+  predictions = [prediction] * len(stage_models) if isinstance(prediction, str) else \
+      list(prediction)
+  if len(predictions) != len(stage_models):
+    raise ValueError(f"got {len(predictions)} predictions for {len(stage_models)} stages")
   samplers, offset = [], 0
-  for model, sched, settings in zip(stage_models, stage_schedules, stage_settings):
+  for model, sched, settings, pred in zip(stage_models, stage_schedules, stage_settings,
+                                          predictions):
     samplers.append(_stage_sampler(model, sched, as_settings(settings), offset,
-                                   progress_every))
+                                   progress_every, pred))
     offset += sched.num_steps
 
   def sample_cascade(stage_params, rgb, key):

@@ -8,6 +8,12 @@ Per step, for a batch {"x": (N, H, W, C) clean target bands, "cond": (N, H, W, C
   x0_pred  = (x_t - sqrt(1 - abar_t) eps_pred) / sqrt(abar_t)
   loss     = L1 or MSE(eps, eps_pred) + sam_weight (1 - mean_pixels cos(x0_pred, x0))
 
+With prediction="v" the network outputs v_pred for v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0,
+the first term compares v_pred with v and x0_pred = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_pred.
+(Why: an eps-model's x0 is (x_t - sqrt(1 - abar) eps_pred) / sqrt(abar), which multiplies eps
+errors by up to 156 at t = T; short training runs cannot fit eps that precisely, while a
+v-model's x0 error stays bounded. The paper uses eps.)
+
 then Adam (lr 1e-4) and the EMA of the weights: ema = params while step < ema_start, then
 ema <- decay ema + (1 - decay) params (the authors' code: copy before 2k steps, 0.9999 after).
 
@@ -98,9 +104,14 @@ def drop_condition(key: jax.Array, cond: jax.Array, rate: float) -> jax.Array:
 
 def compute_loss(params: Any, model: CondUNet, schedule: diffusion.Schedule,
                  batch: Mapping[str, jax.Array], key: jax.Array, *, loss_type: str = "l1",
-                 sam_weight: float = 1.0, cond_drop: float = 0.1,
-                 train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(loss, aux) for one batch; aux holds the loss terms and the drawn t / eps / condition."""
+                 sam_weight: float = 1.0, cond_drop: float = 0.1, train: bool = True,
+                 prediction: str = "eps") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss, aux) for one batch; aux holds the loss terms and the drawn t / eps / condition.
+
+  prediction: what the network outputs, "eps" (the paper) or "v" (sqrt(abar) eps -
+  sqrt(1 - abar) x0). The L1 / MSE term compares the output with that target; the SAM term
+  always uses the implied x0.
+  """
   x0 = jnp.asarray(batch["x"], jnp.float32)
   cond = jnp.asarray(batch["cond"], jnp.float32)
   k_t, k_eps, k_drop, k_dropout = jax.random.split(key, 4)
@@ -108,10 +119,16 @@ def compute_loss(params: Any, model: CondUNet, schedule: diffusion.Schedule,
   eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
   cond = drop_condition(k_drop, cond, cond_drop)
   x_t = diffusion.q_sample(schedule, x0, i, eps)
-  eps_pred = model.apply({"params": params}, x_t, cond, schedule.timesteps[i], train=train,
-                         rngs={"dropout": k_dropout})
-  x0_pred = diffusion.x0_from_eps(schedule, x_t, i, eps_pred)
-  terms = loss_terms(eps, eps_pred, x0, x0_pred, loss_type)
+  out = model.apply({"params": params}, x_t, cond, schedule.timesteps[i], train=train,
+                    rngs={"dropout": k_dropout})
+  if prediction == "eps":
+    target, x0_pred = eps, diffusion.x0_from_eps(schedule, x_t, i, out)
+  elif prediction == "v":
+    target, x0_pred = (diffusion.v_target(schedule, x0, i, eps),
+                       diffusion.x0_from_v(schedule, x_t, i, out))
+  else:
+    raise ValueError(f"unknown prediction {prediction!r}; use one of {diffusion.PREDICTIONS}")
+  terms = loss_terms(target, out, x0, x0_pred, loss_type)
   loss = terms["eps"] + sam_weight * terms["sam"]
   return loss, {"eps_loss": terms["eps"], "sam_loss": terms["sam"], "i": i, "eps": eps,
                 "cond": cond}
@@ -127,7 +144,8 @@ def ema_update(ema: Any, params: Any, step: jax.Array, decay: float,
 def make_train_step(model: CondUNet, schedule: diffusion.Schedule,
                     optimizer: optax.GradientTransformation, *, loss_type: str = "l1",
                     sam_weight: float = 1.0, cond_drop: float = 0.1,
-                    ema_decay: float = 0.9999, ema_start: int = 2000, jit: bool = True):
+                    ema_decay: float = 0.9999, ema_start: int = 2000,
+                    prediction: str = "eps", jit: bool = True):
   """Builds train_step(state, batch {"x", "cond"}, key) -> (state, metrics).
 
   Pure; metrics = {"loss", "eps_loss", "sam_loss"} of the parameters before the update.
@@ -138,10 +156,13 @@ def make_train_step(model: CondUNet, schedule: diffusion.Schedule,
     raise ValueError(f"unknown loss_type {loss_type!r}; use one of {LOSS_TYPES}")
   if not 0.0 <= cond_drop <= 1.0:
     raise ValueError(f"cond_drop must be a probability in [0, 1], got {cond_drop}")
+  if prediction not in diffusion.PREDICTIONS:
+    raise ValueError(f"unknown prediction {prediction!r}; use one of {diffusion.PREDICTIONS}")
 
   def loss_fn(params, batch, key):
     return compute_loss(params, model, schedule, batch, key, loss_type=loss_type,
-                        sam_weight=sam_weight, cond_drop=cond_drop, train=True)
+                        sam_weight=sam_weight, cond_drop=cond_drop, train=True,
+                        prediction=prediction)
 
   def train_step(state: TrainState, batch, key):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
@@ -223,7 +244,8 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
         cond_drop: float = 0.1, learning_rate: float = 1e-4, ema_decay: float = 0.9999,
         ema_start: int = 2000, seed: int = 0, workdir: str | pathlib.Path | None = None,
         checkpoint_every: int = 1000, max_to_keep: int = 3, mesh: Any = None,
-        log_every: int = 100, desc: str = "SCDM stage") -> tuple[TrainState, dict]:
+        log_every: int = 100, desc: str = "SCDM stage",
+        prediction: str = "eps") -> tuple[TrainState, dict]:
   """Trains one stage with hsijax.trainloop.run; resumes from workdir/checkpoints.
 
   Args:
@@ -256,7 +278,7 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
   state = sharding.replicate(state, mesh)
   step = make_train_step(model, schedule, optimizer, loss_type=loss_type,
                          sam_weight=sam_weight, cond_drop=cond_drop, ema_decay=ema_decay,
-                         ema_start=ema_start, jit=False)
+                         ema_start=ema_start, prediction=prediction, jit=False)
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   step = jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
                  donate_argnums=0)
