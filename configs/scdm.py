@@ -18,7 +18,12 @@ Presets:
                       PDT on x_t (authors' code); per-band normalisation from the data.
 Modifiers:
   stages=1|2|3        number of cascade stages (default 2, the paper's best). One stage makes
-                      all N bands straight from RGB; three stages go N/4 -> N/2 -> N roughly.
+                      all N bands straight from RGB. S stages make floor(3 (N/3)^(k/S)) bands
+                      at stage k = 1..S (eq. 12 generalised): Houston 12 -> 48 for S = 2 and
+                      7 -> 19 -> 48 for S = 3. The paper's 3-stage ablation used 12 -> 24 -> 48
+                      (Houston) and 12 -> 34 -> 102 (Pavia Centre): the paper presets with
+                      stages=3 set `stage_counts` to those; override with
+                      --config.stage_counts="(12,24,48)".
 
 ICMG scale of stage 2: the paper gives s = 2.5 for a guided first stage and only says "lower"
 for the second; its best setting guides only stage 2. We use s = 1.0 there
@@ -42,6 +47,7 @@ Why the tiny preset looks like this (measured on the Houston crop, 2 shared CPU 
 Fields read by the launch scripts:
   seed, mesh                  as in every hsijax config.
   stage                       "all" | "0" | "1" | "2": which stage(s) `train_scdm` trains.
+  stage_counts                bands made by each stage (empty = the floor(3 (N/3)^(k/S)) rule).
   stages[k]                   per-stage sampling settings: guidance_scale (0 = no ICMG),
                               pdt_target ("eps" = paper, "x" = authors' code, "none" = off),
                               pdt_p_T (percentile at t = T; 1.0 = no truncation).
@@ -127,6 +133,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
   c.stage = "all"  # train_scdm: "all" trains every stage in turn, "k" only stage k.
+  c.stage_counts = ()  # bands per stage, e.g. (12, 24, 48); () = floor(3 (N/3)^(k/S))
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""        # training cube FILE[:KEY], (H, W, N) original units
@@ -186,10 +193,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.norm_mean = 3693.0
     c.data.norm_std = 7410.0
     c.stages = _default_stages(num_stages, 0.96, 0.88, 1.0)
+    if num_stages == 3:
+      c.stage_counts = (12, 24, 48)  # the paper's 3-stage ablation
   elif preset == "paper_pavia_centre":
     c.data.num_bands = 102
     c.data.rgb_bands = (9, 29, 59)  # the paper's 1-based bands 60, 30, 10
     c.stages = _default_stages(num_stages, 0.97, 0.90, 1.0)
+    if num_stages == 3:
+      c.stage_counts = (12, 34, 102)  # the paper's 3-stage ablation
   elif preset == "tiny":
     # CPU-sized (see the module docstring for why each value is what it is).
     c.data.path = str(_HOUSTON) + ":cube" if _HOUSTON.is_file() else ""

@@ -161,7 +161,15 @@ def make_meta(cfg, num_bands: int, mean: float, std: float,
   if num_stages not in (1, 2, 3):
     raise ValueError(f"SCDM supports 1, 2 or 3 stages, the config has {num_stages}; use the "
                      "preset modifier ',stages=K'")
-  band_sets = cascade.stage_band_indices(num_bands, num_stages)
+  counts = tuple(int(c) for c in (cfg.get("stage_counts") or ()))
+  if num_stages == 1:
+    counts = ()  # a single stage makes all N bands
+  if counts and len(counts) != num_stages:
+    raise ValueError(f"stage_counts {counts} must give one band count per stage "
+                     f"({num_stages}); pass e.g. --config.stage_counts=\"("
+                     f"{','.join(str(c) for c in cascade.stage_counts(num_bands, num_stages))})\""
+                     " or leave it empty for the default split")
+  band_sets = cascade.stage_band_indices(num_bands, num_stages, counts or None)
   return {
       "num_bands": int(num_bands),
       "num_stages": num_stages,

@@ -73,6 +73,22 @@ def test_presets_follow_the_paper():
   assert p.data.norm_mean is None  # measured on the data
   assert len(scdm_config.get_config("tiny,stages=1").stages) == 1
   assert len(scdm_config.get_config("tiny,stages=3").stages) == 3
+  # 3 stages: the eq. 12 rule by default, the paper's ablation counts in the paper presets.
+  t3 = scdm_config.get_config("tiny,stages=3")
+  meta = train_scdm.make_meta(t3, 48, 0.0, 1.0)
+  assert [len(b) for b in meta["band_sets"]] == [7, 19, 48]
+  h3 = scdm_config.get_config("paper_houston,stages=3")
+  assert [len(b) for b in train_scdm.make_meta(h3, 48, 0.0, 1.0)["band_sets"]] == [12, 24, 48]
+  assert tuple(scdm_config.get_config("paper_pavia_centre,stages=3").stage_counts) == \
+      (12, 34, 102)
+  assert [len(b) for b in train_scdm.make_meta(h3, 48, 0.0, 1.0, num_stages=1)[
+      "band_sets"]] == [48]
+  with h3.unlocked():
+    h3.stage_counts = (12, 48)
+  with pytest.raises(ValueError, match="one band count per stage"):
+    train_scdm.make_meta(h3, 48, 0.0, 1.0)
+  assert c.model.prediction == "eps"  # the paper's target
+  assert train_scdm.prediction_of({"model": {}}) == "eps"  # runs from before the option
   with pytest.raises(ValueError, match="stages=1"):
     scdm_config.get_config("tiny,stages=5")
   with pytest.raises(ValueError, match="preset"):
