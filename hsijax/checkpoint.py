@@ -91,7 +91,13 @@ class Checkpointer:
       created if missing.
     max_to_keep: how many most recent checkpoints stay on disk (None = all).
     save_interval_steps: `save` writes only when `step` is a multiple of this
-      (unless `force=True`).
+      (unless `force=True`); also for the first save into an empty directory.
+
+  Crash safety: Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it to
+  `<step>` once complete, so a process killed mid-save leaves only the tmp folder, which
+  `latest_step` / `restore` ignore and the next save of that step replaces. Old checkpoints
+  are deleted only after a newer one is complete (a kill during that deletion can leave a
+  partial OLDER folder, which Orbax deletes later; the latest step is always complete).
   """
 
   def __init__(self, directory: os.PathLike | str, max_to_keep: int | None = 3,
@@ -101,8 +107,16 @@ class Checkpointer:
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
     self.directory = _absolute(directory)
+    self.save_interval_steps = int(save_interval_steps)
+    # Orbax's default policy also saves the first step offered to an empty directory
+    # (InitialSavePolicy), e.g. a full-size checkpoint at step 1 of every run; keep only
+    # the interval (and Orbax's preemption saves on multi-host jobs).
+    policy = ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(self.save_interval_steps),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+    ])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True)
+        max_to_keep=max_to_keep, save_decision_policy=policy, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   # -- writing ---------------------------------------------------------------

@@ -172,6 +172,33 @@ def test_save_interval_and_force(tmp_path):
       ckpt.save(7, {"v": jnp.zeros(1)}, force=True)
 
 
+def test_first_save_also_waits_for_the_interval(tmp_path):
+  # Orbax's default policy would also save step 1 into an empty folder; ours does not.
+  with checkpoint.Checkpointer(tmp_path, max_to_keep=None, save_interval_steps=5) as ckpt:
+    saved = [step for step in range(1, 11) if ckpt.save(step, {"v": jnp.zeros(1)})]
+    ckpt.wait()
+    assert saved == [5, 10] and ckpt.all_steps() == [5, 10]
+    assert ckpt.save_interval_steps == 5
+
+
+def test_save_interrupted_by_a_kill_is_ignored_then_replaced(tmp_path):
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    ckpt.save(5, {"v": jnp.full((2,), 5.0)})
+  # What a process killed while writing step 7 leaves: the unrenamed temporary folder.
+  partial = tmp_path / "7.orbax-checkpoint-tmp" / "default"
+  partial.mkdir(parents=True)
+  (partial / "half_written").write_bytes(b"\x00" * 10)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    assert ckpt.latest_step() == 5 and ckpt.all_steps() == [5]
+    np.testing.assert_array_equal(np.asarray(ckpt.restore(target={"v": jnp.zeros(2)})["v"]),
+                                  [5.0, 5.0])
+    assert ckpt.save(7, {"v": jnp.full((2,), 7.0)}) is True
+    ckpt.wait()
+    assert ckpt.all_steps() == [5, 7]
+    np.testing.assert_array_equal(np.asarray(ckpt.restore()["v"]), [7.0, 7.0])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["5", "7"]
+
+
 def test_restore_without_checkpoint_names_directory(tmp_path):
   directory = tmp_path / "empty"
   with checkpoint.Checkpointer(directory) as ckpt:
