@@ -27,6 +27,8 @@ def run(train_step: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
         desc: str = "train") -> tuple[Any, dict[str, list[float]]]:
   """Runs `train_step` from the latest checkpoint (if any) up to `num_steps`.
 
+  On resume, process 0 prints "<desc>: resuming from step N of M (<checkpoint dir>)".
+
   Args:
     train_step: pure step; its first argument may be donated.
     state: initial state (used as the restore target, so it also fixes shardings).
@@ -42,6 +44,10 @@ def run(train_step: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
   if checkpointer is not None and checkpointer.latest_step() is not None:
     start = int(checkpointer.latest_step())
     state = checkpointer.restore(start, target=state)
+    if jax.process_index() == 0:
+      # One machine-readable line so logs (and tests) show where a restarted run picked up.
+      print(f"{desc}: resuming from step {start} of {num_steps} ({checkpointer.directory})",
+            flush=True)
   history: dict[str, list[float]] = {"step": [], "loss": []}
   if start >= num_steps:
     return state, history
