@@ -33,6 +33,12 @@ Launch commands (run from the repository root):
       [--config.data.train_pixels=clean.npz:pixels] [--config.budget=fast] --workdir=workdirs/fuse
   python -m launch.evaluate_sdp --config=configs/sdp.py:paper_paviau \
       --config.data.path=/data/PaviaU.mat --config.data.key=paviaU --workdir=workdirs/paviau
+
+Large scenes (any entry point that fuses): `--config.solver.tile=64` solves 64 x 64 HR-pixel
+windows overlapping by `--config.solver.tile_overlap=16` (both multiples of the ratio),
+`--config.solver.tiles_per_call=8` windows per call sharded over the `data` mesh axis, and
+blends them; memory is bounded by tiles_per_call windows (see docs/scaling.md). The default
+tile = 0 solves the whole scene at once.
 """
 from __future__ import annotations
 
@@ -126,6 +132,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Adam lr multiplier; None = T / num_steps (the solver's default for respaced runs).
   c.solver.lr_scale = config_dict.placeholder(float)
   c.solver.init = "ones"  # or "upsample"
+  # Large scenes: solve in tile x tile HR-pixel windows overlapping by tile_overlap (both
+  # multiples of the ratio), tiles_per_call windows per jitted call sharded over mesh.data
+  # (bounds device memory). tile = 0: the whole scene in one call. Tiled equals untiled to
+  # float rounding away from window edges (hsijax.sdp.tiled, docs/scaling.md).
+  c.solver.tile = 0
+  c.solver.tile_overlap = 16
+  c.solver.tiles_per_call = 8
 
   c.blind = ml_collections.ConfigDict()
   c.blind.enabled = True
@@ -212,5 +225,16 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.blind.lr = float(b.blind_lr)
   if c.blind.psf_size is None:
     c.blind.psf_size = 2 * int(c.data.ratio) - 1
+  if int(c.solver.tile or 0) > 0:  # fail before any training, with the flag names
+    from hsijax.sdp.tiled import check_tiling  # pylint: disable=g-import-not-at-top
+    try:
+      check_tiling(int(c.solver.tile), int(c.solver.tile_overlap), int(c.data.ratio),
+                   int(c.solver.tiles_per_call))
+    except ValueError as e:
+      raise ValueError(f"--config.solver.tile={c.solver.tile} / tile_overlap="
+                       f"{c.solver.tile_overlap} / tiles_per_call={c.solver.tiles_per_call} "
+                       f"(ratio {c.data.ratio}): {e}") from e
+  elif int(c.solver.tile or 0) < 0:
+    raise ValueError(f"--config.solver.tile={c.solver.tile} must be >= 0 (0 = whole scene)")
   return c
 

@@ -123,6 +123,44 @@ def merge(tiles: jax.Array, grid: TileGrid, halo: int = 0) -> jax.Array:
   return acc / norm
 
 
+def accumulate(acc: np.ndarray, norm: np.ndarray, tiles: np.ndarray, starts: np.ndarray,
+               weights: np.ndarray) -> None:
+  """Adds weighted windows into host running sums, in place (`merge` in NumPy, by parts).
+
+  acc (H, W, C) and norm (H, W, 1) are the running weighted sum and weight total; tiles
+  (n, t, t, C), starts (n, 2), weights (n, t, t) are some of a grid's windows (e.g. one
+  chunk of a sharded run). After every window is added, acc / norm equals `merge`.
+  """
+  t = tiles.shape[1]
+  for tile, (r, c), w in zip(np.asarray(tiles), np.asarray(starts), np.asarray(weights)):
+    acc[r:r + t, c:c + t] += tile * w[..., None]
+    norm[r:r + t, c:c + t, 0] += w
+
+
+def border_distance(grid: TileGrid, halo: int = 0) -> np.ndarray:
+  """(H, W) distance of each pixel to the nearest inner edge of a window that feeds it.
+
+  For every window with nonzero blend weight at a pixel, the distance (in pixels, Chebyshev)
+  to that window's nearest side lying inside the image (image-border sides do not count:
+  the untiled computation sees the same edge); the minimum over those windows. Pixels fed
+  only by windows without inner sides get a large value (max(H, W)). This is the distance
+  that bounds how far tiled results can differ from the untiled ones.
+  """
+  t = grid.tile
+  big = max(grid.height, grid.width)
+  out = np.full((grid.height, grid.width), big, np.int64)
+  idx = np.arange(t)
+  weights = blend_weights(grid, halo)
+  for (r, c), w in zip(grid.starts, weights):
+    d_r = np.minimum(idx if r > 0 else big, t - 1 - idx if r + t < grid.height else big)
+    d_c = np.minimum(idx if c > 0 else big, t - 1 - idx if c + t < grid.width else big)
+    d_r, d_c = np.broadcast_to(d_r, (t,)), np.broadcast_to(d_c, (t,))
+    d = np.minimum(d_r[:, None], d_c[None, :])
+    d = np.where(w > 0, d, big)
+    out[r:r + t, c:c + t] = np.minimum(out[r:r + t, c:c + t], d)
+  return out
+
+
 def map_tiles(fn: Callable[..., jax.Array], grid: TileGrid, *images_and_scales,
               batch_fn: Callable | None = None, halo: int = 0) -> jax.Array:
   """Applies fn to matching windows of several images and blends the (tile, tile, C) outputs.

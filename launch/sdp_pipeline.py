@@ -5,6 +5,7 @@ No flags here (each entry point defines its own), only functions of a *resolved*
 
   train_prior(pixels, cfg, workdir)         spectral diffusion model, resumable checkpoints
   estimate_operators(y, z, cfg)             blind PSF / SRF
+  make_fusion_solver / run_solver           Algorithm 1 from the config (whole scene or tiled)
   fuse_all(y, z, cfg, ...)                  SDP, Baseline (gam = 0) and the classical methods
   reference_table / no_reference_table      metrics per method
 """
@@ -13,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from hsijax import classical, data, degrade, diffusion, metrics, plots, progress, synthetic
+from hsijax import (classical, data, degrade, diffusion, metrics, plots, progress, sharding,
+                    synthetic)
 from hsijax import sdp
 from launch import common
 
@@ -175,20 +177,41 @@ def solver_schedule(cfg: Any) -> diffusion.Schedule:
                                           int(cfg.solver.num_steps), cfg.diffusion.respacing)
 
 
-def run_solver(model, params, y, z, psf, srf, ratio: int, cfg: Any, *, gam: float,
-               desc: str) -> np.ndarray:
-  """Algorithm 1 (gam > 0: SDP, gam = 0: Baseline) -> (H, W, B)."""
+def make_fusion_solver(model, ratio: int, cfg: Any, *, gam: float, desc: str
+                       ) -> Callable[..., np.ndarray]:
+  """Algorithm 1 from the config (gam > 0: SDP, gam = 0: Baseline).
+
+  Returns solve(params, y (h, w, B), z (H, W, b), psf, srf, key) -> (H, W, B) NumPy. With
+  `cfg.solver.tile` > 0 the scene is solved in overlapping windows, sharded over the mesh of
+  `cfg.mesh` (`hsijax.sdp.tiled`; tile_overlap, tiles_per_call); 0 solves the whole scene in
+  one call. Build once, call several times: the compiled program is reused.
+  """
   schedule = solver_schedule(cfg)
   s = cfg.solver
-  solve = sdp.make_solver(model, schedule, lam=float(s.lam), gam=float(gam),
-                          lr=float(s.lr), K=int(s.K), weight_decay=float(s.weight_decay),
-                          ema_decay=float(s.ema), init=s.init, ratio=ratio,
-                          lr_scale=None if s.lr_scale is None else float(s.lr_scale))
+  kwargs = dict(lam=float(s.lam), gam=float(gam), lr=float(s.lr), K=int(s.K),
+                weight_decay=float(s.weight_decay), ema_decay=float(s.ema), init=s.init,
+                ratio=ratio, lr_scale=None if s.lr_scale is None else float(s.lr_scale))
+  tile = int(s.get("tile", 0) or 0)
+  if tile > 0:
+    return sdp.make_tiled_solver(model, schedule, tile=tile, overlap=int(s.tile_overlap),
+                                 tiles_per_call=int(s.tiles_per_call),
+                                 mesh=sharding.make_mesh(cfg.get("mesh")), desc=desc,
+                                 **kwargs)
+  solve_jit = sdp.make_solver(model, schedule, **kwargs)
+
+  def solve(params, y, z, psf, srf, key) -> np.ndarray:
+    with progress.bar(schedule.num_steps, desc=desc):
+      return np.asarray(jax.block_until_ready(solve_jit(params, y, z, psf, srf, key)))
+
+  return solve
+
+
+def run_solver(model, params, y, z, psf, srf, ratio: int, cfg: Any, *, gam: float,
+               desc: str) -> np.ndarray:
+  """Algorithm 1 (gam > 0: SDP, gam = 0: Baseline) -> (H, W, B); see make_fusion_solver."""
   key = jax.random.fold_in(jax.random.key(cfg.seed), 1)
-  with progress.bar(schedule.num_steps, desc=desc):
-    x = solve(params, y, z, psf, srf, key)
-    x = np.asarray(jax.block_until_ready(x))
-  return x
+  solve = make_fusion_solver(model, ratio, cfg, gam=gam, desc=desc)
+  return solve(params, y, z, psf, srf, key)
 
 
 def fuse_all(y: np.ndarray, z: np.ndarray, cfg: Any, *, model, params,

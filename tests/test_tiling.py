@@ -60,3 +60,35 @@ def test_bad_arguments():
     tiling.make_grid(64, 64, tile=30, overlap=8, multiple=4)
   with pytest.raises(ValueError, match="overlap"):
     tiling.make_grid(64, 64, tile=16, overlap=16)
+
+
+def test_accumulate_by_chunks_equals_merge():
+  rng = np.random.default_rng(2)
+  g = tiling.make_grid(40, 56, tile=16, overlap=8, multiple=4)
+  tiles = rng.normal(size=(len(g.starts), 16, 16, 3)).astype(np.float32)
+  w = tiling.blend_weights(g, halo=2)
+  acc, norm = np.zeros((40, 56, 3), np.float32), np.zeros((40, 56, 1), np.float32)
+  for a in range(0, len(g.starts), 5):               # chunks of 5 windows, last one short
+    tiling.accumulate(acc, norm, tiles[a:a + 5], g.starts[a:a + 5], w[a:a + 5])
+  np.testing.assert_allclose(acc / norm, tiling.merge(jnp.asarray(tiles), g, halo=2),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_border_distance():
+  # Two windows side by side: 0..15 and 8..23 (overlap 8), one row of windows.
+  g = tiling.make_grid(16, 24, tile=16, overlap=8)
+  assert g.starts.tolist() == [[0, 0], [0, 8]]
+  d = tiling.border_distance(g, halo=0)
+  # Columns 0..7: only window 0 (inner edge at column 15): distance 15 - col.
+  np.testing.assert_array_equal(d[0, :8], 15 - np.arange(8))
+  # Overlap 8..15: both windows feed (ramps > 0): min(15 - col, col - 8).
+  np.testing.assert_array_equal(d[3, 8:16], np.minimum(15 - np.arange(8, 16),
+                                                       np.arange(8, 16) - 8))
+  # Columns 16..23: only window 1 (inner edge at column 8).
+  np.testing.assert_array_equal(d[5, 16:], np.arange(16, 24) - 8)
+  # Rows never matter (image-border sides), and a halo removes the zero-weight pixels.
+  assert (d == d[:1]).all()
+  dh = tiling.border_distance(g, halo=2)
+  assert dh.min() == 2 and d.min() == 0
+  # A single window has no inner edge.
+  assert (tiling.border_distance(tiling.make_grid(16, 16, 16, 0)) == 16).all()

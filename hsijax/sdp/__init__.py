@@ -5,13 +5,15 @@
             sample_spectra, evaluate_fid
   solver    make_solver (Algorithm 1 as one jitted program), fusion_loss / fusion_grad,
             respaced_lr_scale
+  tiled     make_tiled_solver / fuse_tiled (large scenes: windows, sharded, blended)
   blind     estimate_psf_srf (blind PSF / SRF estimation)
 """
 from hsijax.sdp.blind import blind_objective, estimate_psf_srf, project_psf, project_srf
 from hsijax.sdp.denoiser import (SpectralDenoiser, apply_with_input_grad, count_params,
                                  time_condition)
 from hsijax.sdp.solver import (fusion_grad, fusion_loss, initial_x, make_batched_solver,
-                               make_solver, respaced_lr_scale)
+                               make_solver, position_noise, respaced_lr_scale)
+from hsijax.sdp.tiled import check_tiling, fuse_tiled, make_tiled_solver
 from hsijax.sdp.train import (TrainState, diffusion_loss, evaluate_fid, fit, init_train_state,
                               lr_factor, make_optimizer, make_train_step, model_from_config,
                               sample_spectra, schedule_from_config)
@@ -22,6 +24,7 @@ __all__ = [
     "sample_spectra", "evaluate_fid", "diffusion_loss", "lr_factor", "model_from_config",
     "schedule_from_config",
     "make_solver", "make_batched_solver", "fusion_loss", "fusion_grad", "initial_x",
-    "respaced_lr_scale",
+    "respaced_lr_scale", "position_noise",
+    "make_tiled_solver", "fuse_tiled", "check_tiling",
     "estimate_psf_srf", "blind_objective", "project_psf", "project_srf",
 ]

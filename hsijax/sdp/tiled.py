@@ -1,0 +1,170 @@
+"""SDP fusion of large scenes: overlapping windows, batched, sharded, in bounded memory.
+
+The HR-MSI Z (H, W, b) is cut into `tile x tile` windows (`hsijax.tiling.make_grid`, corners
+multiples of the ratio) and the LR-HSI Y (h, w, B) into the matching `tile / ratio` windows,
+so every window pair is itself a valid fusion problem. Windows are solved by Algorithm 1
+(`solver.make_solver`) `vmap`-ed over a chunk of `tiles_per_call` windows, the chunk
+sharded over the mesh's `data` axis (`jax.jit` with `NamedSharding`s, parameters
+replicated; the chunk is padded to a multiple of the device count), and the outputs are
+blended on the host (`tiling.accumulate`, the weights of `tiling.merge`). Device memory is
+that of one chunk, whatever the scene size.
+
+Why tiled matches untiled. The solver uses noise="position": each pixel's diffusion noise
+is keyed by its global position and the step, so a window sees exactly the slice of the
+scene's noise field; the loss is a sum over pixels (no means) and Adam, clamp, EMA and
+weight decay act per pixel. A window's run then differs from the scene's only through the
+zero padding of `blur_down` at its inner edges (and, with init="upsample", the edge
+extension of the upsampling). Each Adam step spreads that difference by about a PSF
+footprint plus the ratio, so after n K steps only pixels far from inner window edges are
+guaranteed to match to float rounding; the difference decays fast with the distance (see
+docs/scaling.md for measured numbers). Image-border sides of windows see the same zero
+padding as the untiled solve and are exact.
+
+The blend uses `halo` (default overlap // 4): the halo pixels nearest each inner window
+edge get weight 0 and the next overlap - halo pixels ramp linearly, so every output pixel
+comes from window pixels at least `halo` away from an inner edge, and neighbouring windows
+are cross-faded over the rest of the overlap (no visible seam).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hsijax import diffusion, progress, sharding, tiling
+from hsijax.sdp import solver as solver_lib
+from hsijax.sdp.denoiser import SpectralDenoiser
+
+
+def check_tiling(tile: int, overlap: int, ratio: int, tiles_per_call: int,
+                 halo: int | None = None) -> int:
+  """Validates the tiling options; returns the halo (overlap // 4 when None).
+
+  Raises ValueError naming the option and the fix.
+  """
+  if int(tile) != tile or tile < 1:
+    raise ValueError(f"tile must be a positive number of HR-MSI pixels, got {tile!r} "
+                     "(use tile=0 in the config for an untiled solve)")
+  if tile % ratio:
+    raise ValueError(f"tile ({tile}) must be a multiple of the ratio {ratio} so the LR-HSI "
+                     f"windows line up with the HR-MSI windows; use {max(tile // ratio, 1) * ratio}"
+                     f" or {(tile // ratio + 1) * ratio}")
+  if overlap % ratio:
+    raise ValueError(f"tile overlap ({overlap}) must be a multiple of the ratio {ratio}; use "
+                     f"{overlap // ratio * ratio} or {(overlap // ratio + 1) * ratio}")
+  if not 0 <= overlap < tile:
+    raise ValueError(f"tile overlap ({overlap}) must be in [0, tile={tile}); a quarter of the "
+                     "tile is a good choice")
+  if int(tiles_per_call) != tiles_per_call or tiles_per_call < 1:
+    raise ValueError(f"tiles_per_call must be a positive integer, got {tiles_per_call!r}")
+  halo = overlap // 4 if halo is None else int(halo)
+  if not 0 <= 2 * halo <= overlap:
+    raise ValueError(f"halo ({halo}) must be in [0, overlap / 2 = {overlap // 2}]")
+  return halo
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host) sharded array as one host NumPy array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def _put(x: np.ndarray, spec: jax.sharding.NamedSharding) -> jax.Array:
+  """Host array (identical on every process) -> global array with sharding `spec`."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
+
+
+def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, ratio: int,
+                      tile: int, overlap: int, tiles_per_call: int = 8,
+                      halo: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                      desc: str = "SDP tiles", **solver_kwargs: Any
+                      ) -> Callable[..., np.ndarray]:
+  """Builds the tiled, sharded SDP solve.
+
+  Args:
+    model, schedule, ratio: as for `solver.make_solver`.
+    tile: window side in HR-MSI pixels (a multiple of ratio, at most the scene's smaller
+      side; a tile covering the whole scene runs the untiled solve).
+    overlap: overlap of neighbouring windows in HR pixels (a multiple of ratio, < tile).
+    tiles_per_call: windows solved per jitted call (rounded up to a multiple of the `data`
+      axis size); bounds device memory.
+    halo: blend halo (see module docstring); None = overlap // 4.
+    mesh: mesh with a `data` axis (None: `sharding.make_mesh()`, all devices).
+    desc: progress bar label.
+    **solver_kwargs: lam, gam, lr, K, weight_decay, ema_decay, init, lr_scale, ... of
+      `solver.make_solver` (noise is always "position").
+
+  Returns:
+    solve(params, y (h, w, B), z (H, W, b), psf (k, k), srf (b, B), key) -> X (H, W, B)
+    NumPy float32 on every process. The same key is used for every window.
+  """
+  ratio = int(ratio)
+  halo = check_tiling(tile, overlap, ratio, tiles_per_call, halo)
+  if "noise" in solver_kwargs:
+    raise ValueError("the tiled solver always uses noise='position'; drop the noise argument")
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  n_data = mesh.shape[sharding.DATA_AXIS]
+  solve_one = solver_lib.make_solver(model, schedule, ratio=ratio, noise="position",
+                                     **solver_kwargs)
+  batched = jax.jit(jax.vmap(solve_one, in_axes=(None, 0, 0, None, None, None, 0)),
+                    in_shardings=(rep, data, data, rep, rep, rep, data), out_shardings=data)
+
+  def solve(params, y, z, psf, srf, key) -> np.ndarray:
+    y = np.asarray(y, np.float32)
+    z = np.asarray(z, np.float32)
+    if y.ndim != 3 or z.ndim != 3:
+      raise ValueError(f"y must be (h, w, B) and z (H, W, b); got {y.shape} and {z.shape}")
+    H, W = z.shape[:2]
+    if (H, W) != (y.shape[0] * ratio, y.shape[1] * ratio):
+      raise ValueError(f"z is {H} x {W} but y is {y.shape[0]} x {y.shape[1]} with ratio "
+                       f"{ratio}; the HR-MSI must be exactly ratio times the LR-HSI")
+    if tile >= max(H, W):  # one window: the untiled solve
+      out = solve_one(params, y, z, psf, srf, key, jnp.zeros(2, jnp.int32))
+      return np.asarray(jax.device_get(out))
+    grid = tiling.make_grid(H, W, tile, overlap, multiple=ratio)
+    weights = tiling.blend_weights(grid, halo)
+    n = len(grid.starts)
+    chunk = math.ceil(min(tiles_per_call, n) / n_data) * n_data
+    t, tl = grid.tile, grid.tile // ratio
+    acc = np.zeros((H, W, y.shape[-1]), np.float32)
+    norm = np.zeros((H, W, 1), np.float32)
+    p = jax.device_put(params, rep)
+    psf_d, srf_d = (jax.device_put(jnp.asarray(a, jnp.float32), rep) for a in (psf, srf))
+    key_d = jax.device_put(key, rep)
+    for a in range(0, n, chunk):
+      idx = np.minimum(np.arange(a, a + chunk), n - 1)  # pad by repeating the last window
+      starts = grid.starts[idx]
+      y_w = np.stack([y[r // ratio:r // ratio + tl, c // ratio:c // ratio + tl]
+                      for r, c in starts])
+      z_w = np.stack([z[r:r + t, c:c + t] for r, c in starts])
+      with progress.bar(schedule.num_steps,
+                        desc=f"{desc} {a + 1}-{min(a + chunk, n)}/{n}"):
+        out = batched(p, _put(y_w, data), _put(z_w, data), psf_d, srf_d, key_d,
+                      _put(starts.astype(np.int32), data))
+        out = _to_host(out)
+      real = slice(0, min(chunk, n - a))
+      tiling.accumulate(acc, norm, out[real], starts[real], weights[a:a + chunk])
+    return acc / norm
+
+  return solve
+
+
+def fuse_tiled(model: SpectralDenoiser, schedule: diffusion.Schedule, params: Any,
+               y: Any, z: Any, psf: Any, srf: Any, key: jax.Array, *, ratio: int,
+               tile: int, overlap: int, tiles_per_call: int = 8, halo: int | None = None,
+               mesh: jax.sharding.Mesh | None = None, **solver_kwargs: Any) -> np.ndarray:
+  """One tiled, sharded SDP solve: `make_tiled_solver(...)(params, y, z, psf, srf, key)`.
+
+  Returns X (H, W, B) as NumPy float32. Equals the untiled
+  `make_solver(..., noise="position")` solve away from inner window edges.
+  """
+  return make_tiled_solver(model, schedule, ratio=ratio, tile=tile, overlap=overlap,
+                           tiles_per_call=tiles_per_call, halo=halo, mesh=mesh,
+                           **solver_kwargs)(params, y, z, psf, srf, key)
