@@ -19,7 +19,11 @@ Rows of the table (same trained weights, different sampling):
                            config's PDT target t ("x" in tiny: the authors' code)
   2 stages + PDT(t')/ICMG  the same with the other PDT target ("eps": the paper's text)
 
+Every row is scored on all N bands and on the N - 3 bands that are not RGB inputs (a linear
+map returns its inputs exactly, which inflates its all-band MPSNR; see `generated_bands`).
+
 Writes DIR/metrics.json {"results": {row: {mpsnr, sam_deg, sam_rad, mssim, rmse}},
+"results_generated_bands": {same, without the RGB bands},
 "seconds": {...}, "training": {...}, "setup": {...}}, DIR/results.md (markdown table),
 DIR/evaluate.png (false colour + per-pixel error) and DIR/band_psnr.png.
 """
@@ -52,6 +56,17 @@ def markdown_table(results: dict[str, dict[str, float]], seconds: dict[str, floa
     lines.append(f"| {name} | {r['mpsnr']:.2f} | {r['sam_deg']:.2f} | {r['sam_rad']:.4f} | "
                  f"{r['mssim']:.4f} | {r['rmse']:.1f} | {seconds.get(name, 0.0):.1f} |")
   return "\n".join(lines) + "\n"
+
+
+def generated_bands(num_bands: int, rgb_bands) -> list[int]:
+  """Bands a method has to infer: all but the RGB input bands.
+
+  The linear map reproduces its own inputs to float precision (PSNR > 100 dB on those three
+  bands), which lifts its 48-band mean PSNR by several dB over any generative model; scores
+  on the remaining bands compare the methods on what they actually infer.
+  """
+  inputs = set(int(b) for b in rgb_bands)
+  return [b for b in range(num_bands) if b not in inputs]
 
 
 def train_models(cfg, workdir: pathlib.Path, cube: np.ndarray, train: np.ndarray, mesh
@@ -135,11 +150,17 @@ def run(cfg, workdir) -> dict[str, Any]:
     common.log(f"{name}: sampled in {sample_seconds[name]:.1f} s")
 
   results = {name: sample_scdm.scores(test, x) for name, x in outputs.items()}
+  generated = generated_bands(test.shape[-1], rgb_bands)
+  results_generated = {name: sample_scdm.scores(test[..., generated], x[..., generated])
+                       for name, x in outputs.items()}
   seconds["sampling"] = float(sum(sample_seconds.values()))
   seconds["total"] = time.perf_counter() - t_start
-  table = markdown_table(results, sample_seconds)
+  table = (f"All {test.shape[-1]} bands:\n\n" + markdown_table(results, sample_seconds) +
+           f"\nThe {len(generated)} bands that are not inputs (without RGB bands "
+           f"{rgb_bands}):\n\n" + markdown_table(results_generated, sample_seconds))
   out = {
       "results": results,
+      "results_generated_bands": results_generated,
       "seconds": seconds,
       "sampling_seconds": sample_seconds,
       "training": training,

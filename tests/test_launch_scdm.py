@@ -242,6 +242,7 @@ def test_scores_and_table():
   np.testing.assert_allclose(s["rmse"], np.sqrt(np.mean(ref ** 2)))
   table = evaluate_scdm.markdown_table({"linear": s}, {"linear": 0.5})
   assert table.count("\n") == 3 and "| linear |" in table
+  assert evaluate_scdm.generated_bands(6, (4, 1, 2)) == [0, 3, 5]
 
 
 def test_normaliser_scalar_and_per_band(tmp_path):
