@@ -20,12 +20,22 @@ Workloads (`workloads` is a comma-separated subset of these names):
                        `sampling.ddpm_steps`), ICMG on; when the predicted time exceeds
                        `sampling.max_full_s` the total is estimated from the per-step time of
                        the matching scdm_<u>_icmg workload (marked "estimated": true).
+  <name>@<precision>   any workload above at a matmul precision policy of hsijax.precision
+                       ("float32", "tensorfloat32", "bfloat16"; e.g. sdm_train@bfloat16);
+                       without a suffix `precision` applies. The SDP denoiser rounds its
+                       matmul operands to bf16 under "bfloat16" (on every platform); other
+                       models get jax.default_matmul_precision (no effect on CPU). The PyTorch
+                       reference stays float32; such workloads are not checked against the
+                       ratio targets.
 
 Launch commands (run from the repository root):
   python -m launch.bench --config=configs/bench.py:cpu --workdir=workdirs/bench
   python -m launch.bench --config=configs/bench.py:cpu --config.workloads=sdp_step_64,sdm_train \
       --workdir=workdirs/bench_sdp
   python -m launch.bench --config=configs/bench.py:gpu --config.torch=False --workdir=workdirs/bench_gpu
+  python -m launch.bench --config=configs/bench.py:cpu --config.torch=False \
+      --config.workloads=sdm_train,sdm_train@bfloat16,sdp_step_64,sdp_step_64@bfloat16 \
+      --workdir=workdirs/bench_bf16
 """
 from __future__ import annotations
 
@@ -57,6 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # fastest is timed. 1 guards against OpenMP slowdowns on a shared, oversubscribed CPU.
   c.torch_threads = (0, 1)
   c.matmul_n = 2048        # (n, n) @ (n, n) float32 for the machine's matmul peak
+  # Matmul precision of workloads without an "@<precision>" suffix (hsijax.precision).
+  c.precision = "default"
   c.workloads = ("sdm_train,sdp_step_64,sdp_step_128,scdm_tiny,scdm_tiny_icmg,scdm_paper,"
                  "scdm_paper_icmg,sample_tiny_ddim,sample_tiny_ddpm,sample_paper_ddim,"
                  "sample_paper_ddpm")

@@ -162,6 +162,17 @@ def test_bench_config_presets():
     bench_cfg.get_config("nope")
 
 
+def test_split_precision():
+  from launch import bench
+  assert bench.split_precision("sdm_train") == ("sdm_train", "default")
+  assert bench.split_precision("sdm_train", "float32") == ("sdm_train", "float32")
+  assert bench.split_precision("sdp_step_64@bfloat16") == ("sdp_step_64", "bfloat16")
+  with pytest.raises(ValueError, match="precision"):
+    bench.split_precision("sdm_train@fp8")
+  from configs import bench as bench_cfg
+  assert bench_cfg.get_config("cpu").precision == "default"
+
+
 STEP_KEYS = {"shape", "flops_per_step", "jax", "torch", "ratio_jax_over_torch"}
 JAX_KEYS = {"compile_s", "step_s", "times", "gflops", "fraction_of_matmul_peak", "memory"}
 
@@ -185,7 +196,8 @@ def test_bench_json_has_every_workload(tmp_path):
     import torch  # noqa: F401
   except ImportError:
     torch_on = False
-  names = ["sdm_train", "sdp_step_16", "scdm_tiny_icmg", "sample_tiny_ddpm"]
+  names = ["sdm_train", "sdp_step_16", "scdm_tiny_icmg", "sample_tiny_ddpm",
+           "sdm_train@bfloat16"]
   config, record, on_disk = _run_bench(tmp_path, ",".join(names), torch_on)
   assert list(on_disk["workloads"]) == names
   assert on_disk["matmul_peak"]["jax"]["gflops"] > 0
@@ -207,6 +219,11 @@ def test_bench_json_has_every_workload(tmp_path):
   assert s["jax"]["estimated"] and s["jax"]["total_s"] == pytest.approx(
       1000 * on_disk["workloads"]["scdm_tiny_icmg"]["jax"]["step_s"])
   assert "targets" in on_disk and "sdp_step_16" in on_disk["targets"]
+  # The bf16 variant: same FLOP count, its own timing, recorded precision, no target check.
+  w16, w32 = on_disk["workloads"]["sdm_train@bfloat16"], on_disk["workloads"]["sdm_train"]
+  assert w16["precision"] == "bfloat16" and w32["precision"] == "default"
+  assert w16["flops_per_step"]["jaxpr"] == w32["flops_per_step"]["jaxpr"]
+  assert w16["jax"]["step_s"] > 0 and "sdm_train@bfloat16" not in on_disk["targets"]
   text = __import__("launch.bench", fromlist=["format_table"]).format_table(record)
   assert all(n in text for n in names)
 

@@ -125,9 +125,12 @@ def test_time_condition_computed_once_for_scalar_t():
   # (one fused x-projection + four h @ K_h).
   assert not any(time_dim in lhs for lhs, _ in scalar)
   assert len(scalar) == 5
-  # Per-pixel t really does run the time MLP (2) and the 4 condition layers per pixel.
+  # Per-pixel t really does run the time MLP (2) and the 4 condition layers per pixel; the
+  # x-facing parts are then one dot per layer (5) next to the 4 h @ K_h.
   assert any(lhs == (n, time_dim) for lhs, _ in vector)
-  assert len(vector) == 5 + 2 + 4
+  # (n, B) @ (B, hidden): 4 condition layers + the x parts of layers 0-3.
+  assert sum(shapes == ((n, B), (B, hidden)) for shapes in vector) == 4 + 4
+  assert len(vector) == 5 + 4 + 2 + 4
 
 
 def test_init_xavier_normal_zero_bias():
@@ -186,3 +189,78 @@ def test_hand_written_input_grad_matches_autodiff():
     np.testing.assert_allclose(np.asarray(out2), np.asarray(out), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(dx2), np.asarray(dx), rtol=1e-4, atol=1e-5)
   assert np.abs(np.asarray(dx)).max() > 1e-2   # a real, non-trivial gradient
+
+
+def _random_sizes(fn, *args):
+  """Sizes of the arrays drawn by every random-bits / threefry op in fn's jaxpr."""
+  sizes = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if "threefry" in eqn.primitive.name or "random_bits" in eqn.primitive.name:
+        sizes.extend(int(np.prod(v.aval.shape)) for v in eqn.outvars)
+      for value in eqn.params.values():
+        for sub in _sub_jaxprs(value):
+          walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return sizes
+
+
+@pytest.mark.parametrize("shape,rate", [((4, 512, 512), 0.001), ((4, 512, 512), 0.005),
+                                        ((4, 64, 32), 0.3)])
+def test_dropout_keep_mask_is_bernoulli(shape, rate):
+  from hsijax.sdp.denoiser import dropout_keep_mask
+  m = int(np.prod(shape))
+  draw = jax.jit(lambda k: dropout_keep_mask(k, shape, rate))
+  masks = [np.asarray(draw(jax.random.key(s))) for s in range(3)]
+  np.testing.assert_array_equal(masks[0], np.asarray(draw(jax.random.key(0))))  # same key
+  assert masks[0].shape == shape and masks[0].dtype == bool
+  assert not np.array_equal(masks[0], masks[1])
+  mean, sd = m * rate, np.sqrt(m * rate * (1 - rate))
+  for keep in masks:
+    dropped = ~keep
+    # Binomial(M, rate) count of dropped units (5 sigma: fails for a wrong rate).
+    assert abs(dropped.sum() - mean) < 5 * sd
+    # Spread: counts in 64 equal blocks are uniform (chi-square, 63 dof; 130 ~ p 1e-6).
+    blocks = dropped.reshape(64, -1).sum(axis=1)
+    expect = mean / 64
+    assert np.sum((blocks - expect) ** 2 / expect) < 130
+    # Independence of neighbours: adjacent dropped pairs ~ (M - 1) rate^2 (Poisson).
+    flat = dropped.reshape(-1)
+    pairs = np.sum(flat[1:] & flat[:-1])
+    lam = (m - 1) * rate ** 2
+    assert abs(pairs - lam) < 5 * np.sqrt(lam) + 2
+  # Small rates use the cheap path: far fewer random numbers than mask units.
+  drawn = sum(_random_sizes(lambda k: dropout_keep_mask(k, shape, rate), jax.random.key(0)))
+  if rate < 0.01:
+    assert drawn < m / 16
+  else:
+    assert drawn >= m
+
+
+def test_dropout_keep_mask_edges():
+  from hsijax.sdp.denoiser import dropout_keep_mask
+  assert np.all(np.asarray(dropout_keep_mask(jax.random.key(0), (3, 5), 0.0)))
+  with pytest.raises(ValueError, match="rate"):
+    dropout_keep_mask(jax.random.key(0), (3, 5), 1.0)
+
+
+def test_training_dropout_rate_in_module():
+  # 2 layers: the gradient of sum(out) for ONE pixel w.r.t. layer_1's hidden rows is the
+  # hidden activation after dropout, zero exactly where a unit was dropped (SiLU of a
+  # LayerNorm output is never exactly 0 otherwise). Rate 0.3 over 8 keys x 256 units.
+  model = SpectralDenoiser(num_bands=6, hidden=256, num_layers=2, dropout=0.3)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 6)), 0)
+  x = jax.random.uniform(jax.random.key(1), (1, 6))
+  grad = jax.jit(jax.grad(lambda p, k: model.apply(p, x, 5, train=True,
+                                                   rngs={"dropout": k}).sum()))
+  rows = [np.asarray(grad(params, jax.random.key(s))["params"]["layer_1"]["kernel"])[:256, 0]
+          for s in range(8)]
+  frac = float(np.mean([r == 0.0 for r in rows]))
+  assert abs(frac - 0.3) < 5 * np.sqrt(0.3 * 0.7 / 2048)
+  kept = np.concatenate([r[r != 0.0] for r in rows])
+  # Kept units are scaled by 1 / (1 - rate) (inverted dropout): compare with eval mode.
+  ev = np.asarray(jax.jit(jax.grad(lambda p: model.apply(p, x, 5).sum()))(params)
+                  ["params"]["layer_1"]["kernel"])[:256, 0]
+  np.testing.assert_allclose(rows[0][rows[0] != 0], ev[rows[0] != 0] / 0.7, rtol=1e-5)
+  assert kept.size > 0

@@ -93,9 +93,11 @@ def test_optimizer_is_torch_adam_with_l2():
   np.testing.assert_allclose(np.asarray(upd), -lr * np.sign(np.asarray(p)), rtol=1e-4)
 
 
-def test_data_parallel_step_matches_single_device():
+# 0.1: one random word per unit; 0.01: geometric gaps (dropout_keep_mask's cheap path).
+@pytest.mark.parametrize("dropout", [0.1, 0.01])
+def test_data_parallel_step_matches_single_device(dropout):
   assert len(jax.devices()) == 8, "conftest forces 8 CPU devices"
-  model, sched, opt, state = _setup(dropout=0.1)
+  model, sched, opt, state = _setup(dropout=dropout)
   batch = jnp.asarray(_pixels(64))
   key = jax.random.key(3)
   fn = train.make_train_step(model, sched, opt)
@@ -155,3 +157,27 @@ def test_sample_spectra_and_fid():
   fid = train.evaluate_fid(model, state.ema_params, sched, _pixels(300), jax.random.key(4),
                            num=64)
   assert np.isfinite(fid) and fid > 0.0
+
+
+def test_model_from_config_precision_and_donation():
+  c = _config(1)
+  model = train.model_from_config(c, B)
+  assert model.precision == "default" and model.hidden == HID   # field absent: unchanged
+  c.precision = "bfloat16"
+  assert train.model_from_config(c, B).precision == "bfloat16"
+  c.precision = "half"
+  with pytest.raises(ValueError, match="precision"):
+    train.model_from_config(c, B)
+  # CPU: the train step is not donated (measured faster); accelerators would donate.
+  assert train.donate_state(sharding.make_mesh(None)) is False
+
+
+def test_bfloat16_train_step_close_to_float32():
+  model, sched, opt, state = _setup()
+  m16 = SpectralDenoiser(num_bands=B, hidden=HID, dropout=0.0, precision="bfloat16")
+  batch = jnp.asarray(_pixels(64))
+  key = jax.random.key(11)
+  _, l32 = jax.jit(train.make_train_step(model, sched, opt))(state, batch, key)
+  _, l16 = jax.jit(train.make_train_step(m16, sched, opt))(state, batch, key)
+  a, b = float(l32["loss"]), float(l16["loss"])
+  assert a != b and abs(a - b) < 2e-2 * a
