@@ -252,8 +252,21 @@ def init_state(model, cfg, meta: dict[str, Any], k: int, key: jax.Array):
   """Fresh TrainState of stage k (as scdm.train.fit builds it; also the restore target)."""
   out, cond = stage_channels(meta, k)
   f = 2 ** (len(meta["model"]["channel_mults"]) - 1)
-  return scdm_train.init_train_state(model, scdm_train.make_optimizer(float(cfg.train.lr)),
+  return scdm_train.init_train_state(model, make_optimizer(cfg),
                                      key, (1, f, f, out), (1, f, f, cond))
+
+
+def lr_decay_steps(cfg) -> int:
+  """train.lr_schedule "constant" (paper) -> 0, "cosine" -> train.steps."""
+  kind = str(cfg.train.get("lr_schedule", "constant"))
+  if kind not in ("constant", "cosine"):
+    raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {kind!r}")
+  return int(cfg.train.steps) if kind == "cosine" else 0
+
+
+def make_optimizer(cfg):
+  """The stage optimiser of the config (also the structure checkpoints are restored into)."""
+  return scdm_train.make_optimizer(float(cfg.train.lr), lr_decay_steps(cfg))
 
 
 def make_schedule(d) -> diffusion.Schedule:
@@ -290,7 +303,8 @@ def train_stage(cfg, meta: dict[str, Any], images_norm: np.ndarray, k: int,
       seed=int(cfg.seed) * 1000 + k, workdir=stage_dir(workdir, k).parent,
       checkpoint_every=int(cfg.train.checkpoint_every),
       max_to_keep=int(cfg.train.max_to_keep), mesh=mesh, log_every=int(cfg.train.log_every),
-      desc=f"stage {k} ({out} bands)", prediction=prediction_of(meta))
+      desc=f"stage {k} ({out} bands)", prediction=prediction_of(meta),
+      lr_decay_steps=lr_decay_steps(cfg))
   final_loss = history["loss"][-1] if history["loss"] else None
   return {"final_loss": final_loss, "steps": int(np.asarray(state.step)),
           "seconds": time.perf_counter() - t0, "num_bands": out,

@@ -177,3 +177,22 @@ def test_fit_resumes_to_the_uninterrupted_result(tmp_path):
   for a, b in zip(jax.tree_util.tree_leaves(full.ema_params),
                   jax.tree_util.tree_leaves(resumed.ema_params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_cosine_decay_closed_form():
+  """With a constant gradient Adam's update is -lr_t: the cosine schedule is visible."""
+  opt = train.make_optimizer(2.0, decay_steps=10, final_fraction=0.01)
+  params = {"w": jnp.zeros(3)}
+  state = opt.init(params)
+  got = []
+  for _ in range(12):
+    upd, state = opt.update({"w": jnp.ones(3)}, state, params)
+    got.append(float(upd["w"][0]))
+  t = np.minimum(np.arange(12), 10)
+  want = -2.0 * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t / 10)))
+  np.testing.assert_allclose(got, want, rtol=5e-5)  # Adam eps = 1e-8
+  const = train.make_optimizer(2.0)
+  upd, _ = const.update({"w": jnp.ones(3)}, const.init(params), params)
+  np.testing.assert_allclose(upd["w"], -2.0, rtol=5e-5)
+  with pytest.raises(ValueError, match="decay_steps"):
+    train.make_optimizer(1.0, decay_steps=-1)
