@@ -13,9 +13,10 @@ Presets:
   paper_pavia_centre  Pavia Centre: N = 102 (17 then 102 bands), PDT p_T 0.97 / 0.90,
                       normalisation mean / std measured on the training data.
   tiny                CPU-sized (the acceptance run of launch.evaluate_scdm): base 96, mults
-                      (1, 1, 1), one ResBlock down / two up, 8 x 8 crops, batch 8, 3000 steps,
-                      lr 1e-3, no SAM term; T = 1000 with 100 respaced DDPM steps for sampling,
-                      PDT on x_t (authors' code); per-band normalisation from the data.
+                      (1, 1, 1), one ResBlock down / two up, v-prediction, 8 x 8 crops, batch
+                      8, 3000 steps, lr 1e-3 cosine-decayed, L1 + SAM loss; T = 1000 with 50
+                      respaced DDIM steps for sampling, PDT on x_t (authors' code); per-band
+                      normalisation from the data.
 Modifiers:
   stages=1|2|3        number of cascade stages (default 2, the paper's best). One stage makes
                       all N bands straight from RGB. S stages make floor(3 (N/3)^(k/S)) bands
@@ -30,19 +31,19 @@ for the second; its best setting guides only stage 2. We use s = 1.0 there
 (`eps_hat = eps_c + 1.0 * (eps_c - eps_0)`, i.e. twice the conditional direction); override with
 `--config.stages[1].guidance_scale=...`.
 
-Why the tiny preset looks like this (measured on the Houston crop, 2 shared CPU cores):
-  * base >= 2 N. At high t the network must return its input (eps ~ x_t) through the final
-    GroupNorm + SiLU, which needs about two channels per band; with base 16-32 and 48 bands
-    the eps error at t = T stalls near 0.4-0.8 and every sampler diverges. (The paper's
-    base 128 satisfies this for N = 48.)
+Why the tiny preset looks like this (measured on the Houston crop, 2 shared CPU cores;
+numbers in docs/scdm_results.md):
+  * prediction "v" instead of the paper's eps. An eps-model's x0 estimate is
+    (x_t - sqrt(1 - abar) eps) / sqrt(abar), which multiplies eps errors by up to 156 at
+    t = T. After 1.5k CPU steps the eps-model's x0 error at t = 800 was 3.8 (data std 1) and
+    every sampler diverged (negative MPSNR); the v-model's stayed below 0.35 at every t.
+  * base >= 2 N: the network still has to pass x_t through at small t, through the final
+    GroupNorm + SiLU (about two channels per band).
   * 8 x 8 crops and 8 x 8 sampling tiles: GroupNorm normalises over each image, so a model
-    trained on small crops must be sampled on tiles of that size (sampling 64 x 64 at once
-    with an 8 x 8-trained model was ~10x worse in RMSE).
-  * sam_weight 0: x0_pred = (x_t - sqrt(1 - abar) eps_pred) / sqrt(abar) amplifies eps
-    errors ~160x at t = T, and in short runs the cosine term fights the eps fit there.
-  * DDPM + PDT on x_t: an under-trained eps model makes DDIM (eta = 0) and the paper's
-    eps-clamping PDT run away (x_t grows every step); ancestral noise plus the authors'
-    x_t clamp keeps the chain bounded.
+    trained on small crops must be sampled on tiles of that size.
+  * lr 1e-3 with cosine decay to 1e-5 (short runs), EMA 0.995 from step 500.
+  * DDIM (eta = 0), 50 steps: on the same weights it beat 100 ancestral steps by ~1 dB (the
+    ancestral noise is not fully removed by an under-trained model at small t).
 
 Fields read by the launch scripts:
   seed, mesh                  as in every hsijax config.
@@ -218,14 +219,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.steps = 3000
     c.train.batch = 8
     c.train.crop = 8
+    c.model.prediction = "v"   # see "Why the tiny preset looks like this"
     c.train.lr = 1e-3
-    c.train.sam_weight = 0.0   # the SAM term slows the high-t eps fit in short runs
+    c.train.lr_schedule = "cosine"
     c.train.ema_decay = 0.995
     c.train.ema_start = 500
     c.train.log_every = 50
     c.train.checkpoint_every = 500
-    c.sample.method = "ddpm"   # ancestral, 100 of the T = 1000 steps (respaced)
-    c.sample.num_steps = 100
+    c.sample.method = "ddim"   # eta = 0, 50 of the T = 1000 steps (respaced)
+    c.sample.num_steps = 50
     c.sample.tile = 8          # = train.crop: GroupNorm sees the statistics it trained on
     c.sample.overlap = 4       # half a tile: most pixels blend 4 independently sampled tiles
     c.sample.tiles_per_call = 256
