@@ -126,8 +126,9 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
       raise ValueError(f"z is {H} x {W} but y is {y.shape[0]} x {y.shape[1]} with ratio "
                        f"{ratio}; the HR-MSI must be exactly ratio times the LR-HSI")
     if tile >= max(H, W):  # one window: the untiled solve
-      out = solve_one(params, y, z, psf, srf, key, jnp.zeros(2, jnp.int32))
-      return np.asarray(jax.device_get(out))
+      with progress.bar(schedule.num_steps, desc=desc):
+        out = solve_one(params, y, z, psf, srf, key, jnp.zeros(2, jnp.int32))
+        return np.asarray(jax.device_get(out))
     grid = tiling.make_grid(H, W, tile, overlap, multiple=ratio)
     weights = tiling.blend_weights(grid, halo)
     n = len(grid.starts)
