@@ -17,6 +17,10 @@ Writes DIR/fused.npz (X: the SDP result (H, W, B); also X_baseline, psf, srf, sc
 DIR/metrics.json {"sdp": {d_lambda, d_s, qnr[, psnr, sam, rmse, ergas, uiqi]}, "baseline":
 {...}, "<classical method>": {...}, "seconds": {...}} (full-reference metrics only with a
 reference) and DIR/fusion.png with a reference.
+
+Large scenes: `--config.solver.tile=64 --config.solver.tile_overlap=16
+--config.solver.tiles_per_call=8` solves overlapping windows (multiples of the ratio) sharded
+over the devices, in bounded memory (hsijax.sdp.tiled; docs/scaling.md).
 """
 from __future__ import annotations
 
