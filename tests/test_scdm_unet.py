@@ -291,6 +291,27 @@ def test_conv3x3_xla_is_nn_conv_and_auto_agrees(strides, hw):
   np.testing.assert_allclose(auto.apply(p, x), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape, groups", [((2, 4, 6, 12), 4), ((3, 5, 5, 8), 8),
+                                           ((2, 7, 16), 4)])
+def test_group_norm_matches_flax_group_norm(shape, groups):
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=shape) * 3 + 2, jnp.float32)  # offset: tests the mean
+  ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5)
+  p = ref.init(jax.random.key(0), x)
+  mine = unet.GroupNorm(groups)
+  assert jax.tree_util.tree_map(jnp.shape, mine.init(jax.random.key(0), x)) == \
+      jax.tree_util.tree_map(jnp.shape, p)
+  p = {"params": {"scale": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32),
+                  "bias": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)}}
+  np.testing.assert_allclose(mine.apply(p, x), ref.apply(p, x), rtol=1e-5, atol=1e-5)
+  # Independent NumPy check: each sample's group has mean 0, variance 1 before the affine.
+  xn = np.asarray(x, np.float64).reshape(shape[0], -1, groups, shape[-1] // groups)
+  mu = xn.mean(axis=(1, 3), keepdims=True)
+  z = ((xn - mu) / np.sqrt(xn.var(axis=(1, 3), keepdims=True) + 1e-5)).reshape(shape)
+  want = z * np.asarray(p["params"]["scale"]) + np.asarray(p["params"]["bias"])
+  np.testing.assert_allclose(mine.apply(p, x), want, rtol=1e-4, atol=1e-4)
+
+
 def _count_convs(fn, *args):
   return sum(e.primitive.name == "conv_general_dilated"
              for e in jax.make_jaxpr(fn)(*args).eqns)

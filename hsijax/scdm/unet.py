@@ -49,9 +49,41 @@ def group_count(channels: int, groups: int) -> int:
   return g
 
 
-def _group_norm(channels: int, groups: int, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=group_count(channels, groups), epsilon=TORCH_GROUPNORM_EPS,
-                      name=name)
+class GroupNorm(nn.Module):
+  """GroupNorm of (N, ..., C) over all non-batch axes per group, with nn.GroupNorm's params.
+
+  Parameters "scale" and "bias" (C,), so it is interchangeable with nn.GroupNorm. Same
+  statistics (one pass, var = E[x^2] - E[x]^2 in float32, clipped at 0), reduced in two
+  steps: per-channel sums over the spatial axes (a contiguous reduction that keeps the
+  channel axis, ~1.5-2x faster on XLA:CPU than reducing over the (H, W, C / G) group
+  directly), then per-group sums of those; the normalisation is one fused x * a + b.
+  """
+  num_groups: int
+  epsilon: float = TORCH_GROUPNORM_EPS
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n, c = x.shape[0], x.shape[-1]
+    g = self.num_groups
+    scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+    axes = tuple(range(1, x.ndim - 1))
+    count = float(np.prod(x.shape[1:-1])) * (c // g)
+    mean = jnp.sum(x, axes).reshape(n, g, c // g).sum(-1) / count                # (N, G)
+    mean_sq = jnp.sum(jnp.square(x), axes).reshape(n, g, c // g).sum(-1) / count
+    inv = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + self.epsilon)
+    a = jnp.repeat(inv, c // g, axis=1) * scale                                 # (N, C)
+    b = bias - jnp.repeat(mean, c // g, axis=1) * a
+    shape = (n,) + (1,) * (x.ndim - 2) + (c,)
+    return x * a.reshape(shape) + b.reshape(shape)
+
+
+def _group_norm(channels: int, groups: int, name: str, impl: str = "auto") -> nn.Module:
+  """GroupNorm with torch's epsilon; impl "xla" is flax's nn.GroupNorm (same params)."""
+  g = group_count(channels, groups)
+  if impl == "xla":
+    return nn.GroupNorm(num_groups=g, epsilon=TORCH_GROUPNORM_EPS, name=name)
+  return GroupNorm(g, name=name)
 
 
 def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -181,11 +213,12 @@ class Attention(nn.Module):
   sqrt(C)) v, output 1x1 projection, plus the input.
   """
   groups: int = 32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
     n, height, width, c = h.shape
-    x = _group_norm(c, self.groups, "norm")(h)
+    x = _group_norm(c, self.groups, "norm", self.conv_impl)(h)
     qkv = nn.Dense(3 * c, name="qkv")(x).reshape(n, height * width, 3, c)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum("nqc,nkc->nqk", q, k) * (c ** -0.5)
@@ -207,17 +240,17 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     c_in = h.shape[-1]
-    x = nn.silu(_group_norm(c_in, self.groups, "norm1")(h))
+    x = nn.silu(_group_norm(c_in, self.groups, "norm1", self.conv_impl)(h))
     x = Conv3x3(self.out_channels, impl=self.conv_impl, name="conv1")(x)
     x = x + nn.Dense(self.out_channels, name="time")(nn.silu(temb))[:, None, None, :]
-    x = nn.silu(_group_norm(self.out_channels, self.groups, "norm2")(x))
+    x = nn.silu(_group_norm(self.out_channels, self.groups, "norm2", self.conv_impl)(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = Conv3x3(self.out_channels, impl=self.conv_impl, name="conv2")(x)
     skip = h if c_in == self.out_channels else \
         nn.Conv(self.out_channels, (1, 1), name="skip")(h)
     x = x + skip
     if self.attention:
-      x = Attention(self.groups, name="attn")(x)
+      x = Attention(self.groups, self.conv_impl, name="attn")(x)
     return x
 
 
@@ -330,8 +363,10 @@ class CondUNet(nn.Module):
     mid_attn: self-attention between the two middle ResBlocks.
     dropout: rate inside every ResBlock, used only with train=True (rng "dropout").
     groups: GroupNorm groups, lowered per layer to the largest divisor of its channels.
-    conv_impl: "auto" (3x3 convolutions on small maps as im2col + matmul, see Conv3x3) or
-      "xla" (lax.conv everywhere, the earlier formulation); same parameters and function.
+    conv_impl: "auto" (3x3 convolutions on small maps as im2col + matmul and upsampling
+      convolutions as phase kernels, see Conv3x3; GroupNorm as in `GroupNorm`) or "xla"
+      (the earlier formulation: lax.conv everywhere, flax's nn.GroupNorm); same
+      parameters and function, outputs equal to float32 rounding.
   """
   out_channels: int
   base: int = 128
@@ -406,7 +441,7 @@ class CondUNet(nn.Module):
                 tuple(self.attn_levels), self.dropout, self.groups, self.conv_impl,
                 name="decoder")(
                     h, skips_x, skips_c, temb, train)
-    h = nn.silu(_group_norm(h.shape[-1], self.groups, "norm_out")(h))
+    h = nn.silu(_group_norm(h.shape[-1], self.groups, "norm_out", self.conv_impl)(h))
     return Conv3x3(self.out_channels, impl=self.conv_impl, name="conv_out")(h)
 
 
