@@ -92,6 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.preset = preset
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
+  # Matmul precision of the SDP denoiser (training and solver): "default" | "float32" |
+  # "tensorfloat32" | "bfloat16" (hsijax.precision; accuracy in docs/benchmarks.md).
+  c.precision = "default"
   c.budget = "paper"
   c.budgets = _budgets()
   # Blind PSF / SRF estimation is the default everywhere, as in the paper.
