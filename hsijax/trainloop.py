@@ -9,11 +9,25 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax
 import jax
 import numpy as np
 
 from hsijax import progress
 from hsijax.checkpoint import Checkpointer
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The state every model trains: step (int32 scalar), params, their EMA, optimiser state.
+
+  What params / ema_params hold is the model's business (SDP: the flax variables
+  {"params": ...}; SCDM: the "params" collection).
+  """
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
 
 
 def run(train_step: Callable[[Any, Any, jax.Array], tuple[Any, dict]],

@@ -24,7 +24,6 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Mapping, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,13 +36,7 @@ from hsijax.scdm.unet import CondUNet, init_params
 LOSS_TYPES = ("l1", "mse")
 
 
-@flax.struct.dataclass
-class TrainState:
-  """step (int32 scalar), params and ema_params ("params" collections), opt_state."""
-  step: jax.Array
-  params: Any
-  ema_params: Any
-  opt_state: Any
+TrainState = trainloop.TrainState  # shared with every model (hsijax.trainloop)
 
 
 def make_optimizer(learning_rate: float = 1e-4, decay_steps: int = 0,

@@ -18,7 +18,6 @@ import os
 import pathlib
 from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,13 +29,7 @@ from hsijax.checkpoint import Checkpointer
 from hsijax.sdp.denoiser import SpectralDenoiser
 
 
-@flax.struct.dataclass
-class TrainState:
-  """step: int32 scalar; params / ema_params: flax variables {"params": ...}."""
-  step: jax.Array
-  params: Any
-  ema_params: Any
-  opt_state: Any
+TrainState = trainloop.TrainState  # shared with every model (hsijax.trainloop)
 
 
 def lr_factor(step: jax.Array, decay_steps_scale: float = 1.0) -> jax.Array:
