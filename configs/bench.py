@@ -9,7 +9,9 @@ Presets:
          full, DDPM (1000 steps) is estimated.
 
 Workloads (`workloads` is a comma-separated subset of these names):
-  sdm_train            one spectral-model training step (batch 512, B = 103, Adam + EMA).
+  sdm_train            one spectral-model training step (batch 512, B = 103, Adam + EMA),
+                       timed as blocks of `train_calls_per_repeat` back-to-back steps (as a
+                       training loop runs them), the same for JAX and PyTorch.
   sdp_step_<S>         one SDP solver timestep (K Adam steps on X) on an S x S x 103 scene,
                        ratio 8, 15 x 15 PSF, 4 MSI bands: the library's jitted solver run for
                        sdp.steps = (n1, n2) outer steps; per step = (t(n2) - t(n1)) / (n2 - n1).
@@ -62,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
   c.repeats = 5            # timed calls per workload (median reported)
   c.warmup = 1             # untimed calls after compilation
+  c.train_calls_per_repeat = 10  # sdm_train: back-to-back steps per timed repeat (both sides)
   c.torch = True           # also time the PyTorch eager reference when torch is installed
   # torch thread counts to try per workload (0 = os.cpu_count(), the cores XLA uses); the
   # fastest is timed. 1 guards against OpenMP slowdowns on a shared, oversubscribed CPU.
@@ -122,6 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.repeats = 10
   elif preset == "tiny":
     c.repeats = 2
+    c.train_calls_per_repeat = 2
     c.matmul_n = 256
     c.sdp.num_bands = 16
     c.sdp.hidden = 32

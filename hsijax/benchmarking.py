@@ -77,21 +77,28 @@ def compile_fn(fn: Callable, *args: Any) -> tuple[Any, float, float]:
 
 
 def _timed_repeats(call: Callable[[], Any], repeats: int, warmup: int,
-                   companion: Callable[[], Any] | None = None
+                   companion: Callable[[], Any] | None = None, calls_per_repeat: int = 1
                    ) -> tuple[list[float], list[float], list[float]]:
-  """Wall-clock and process-CPU seconds of `repeats` calls after `warmup` calls, and the
-  wall-clock seconds of `companion()` timed right after each repeat (empty if None)."""
-  if repeats < 1 or warmup < 0:
-    raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, "
-                     f"warmup={warmup}")
+  """Wall-clock and process-CPU seconds per call over `repeats` repeats after `warmup`
+  calls, and the wall-clock seconds of `companion()` timed right after each repeat (empty if
+  None).
+
+  Each repeat makes `calls_per_repeat` back-to-back calls and reports their mean: the steady
+  state of a training loop, where caches stay warm and worker threads stay awake between
+  steps (a companion matmul between single ~20 ms calls evicts both and taxes the next call).
+  """
+  if repeats < 1 or warmup < 0 or calls_per_repeat < 1:
+    raise ValueError(f"need repeats >= 1, warmup >= 0 and calls_per_repeat >= 1, got "
+                     f"repeats={repeats}, warmup={warmup}, calls_per_repeat={calls_per_repeat}")
   for _ in range(warmup):
     call()
   times, cpu, comp = [], [], []
   for _ in range(repeats):
     c0, t0 = time.process_time(), time.perf_counter()
-    call()
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
+    for _ in range(calls_per_repeat):
+      call()
+    times.append((time.perf_counter() - t0) / calls_per_repeat)
+    cpu.append((time.process_time() - c0) / calls_per_repeat)
     if companion is not None:
       t0 = time.perf_counter()
       companion()
@@ -100,7 +107,8 @@ def _timed_repeats(call: Callable[[], Any], repeats: int, warmup: int,
 
 
 def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
-            companion: Callable[[], Any] | None = None) -> dict[str, Any]:
+            companion: Callable[[], Any] | None = None,
+            calls_per_repeat: int = 1) -> dict[str, Any]:
   """Times a JAX function: compile separately, then `warmup` calls, then `repeats` calls.
 
   Compilation is measured on its own through `jax.jit(fn).lower(*args).compile()`; every
@@ -114,10 +122,11 @@ def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
     cost analysis of the whole program, or None), memory (see `memory_stats`) and
     companion_times: with `companion` (a blocking zero-argument callable, e.g. a reference
     matmul) its time right after each repeat, so both see the same machine load.
+    With calls_per_repeat = k each repeat is k back-to-back calls (times are per call).
   """
   compiled, lower_s, compile_s = compile_fn(fn, *args)
   times, cpu, comp = _timed_repeats(lambda: jax.block_until_ready(compiled(*args)), repeats,
-                                    warmup, companion)
+                                    warmup, companion, calls_per_repeat)
   return {
       "companion_times": comp,
       "lower_s": lower_s,
@@ -194,9 +203,11 @@ def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tupl
   }
 
 
-def time_torch(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
-  """Times an eager PyTorch callable (no compilation; eager ops are synchronous on CPU)."""
-  times, cpu, _ = _timed_repeats(fn, repeats, warmup)
+def time_torch(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
+               calls_per_repeat: int = 1) -> dict[str, Any]:
+  """Times an eager PyTorch callable (no compilation; eager ops are synchronous on CPU);
+  calls_per_repeat as in `time_fn`."""
+  times, cpu, _ = _timed_repeats(fn, repeats, warmup, calls_per_repeat=calls_per_repeat)
   return {"compile_s": 0.0, "step_s": float(np.median(times)), "times": times,
           "cpu_s": float(np.median(cpu))}
 

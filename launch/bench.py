@@ -66,11 +66,12 @@ def torch_ready(config) -> bool:
   return True
 
 
-def _time_jax(fn: Callable, *args: Any, config) -> dict[str, Any]:
+def _time_jax(fn: Callable, *args: Any, config, calls_per_repeat: int = 1) -> dict[str, Any]:
   """bm.time_fn (one step per call) with resident-memory monitoring."""
   with bm.RSSMonitor() as mon:
     r = bm.time_fn(fn, *args, repeats=config.repeats, warmup=config.warmup,
-                   companion=_COMPANION[0] if _COMPANION else None)
+                   companion=_COMPANION[0] if _COMPANION else None,
+                   calls_per_repeat=calls_per_repeat)
   r["memory"] = dict(r["memory"] or {}, **mon.as_dict())
   return r
 
@@ -88,7 +89,8 @@ def _time_jax_marginal(build: Callable[[int], Callable], *args: Any, config,
   return r
 
 
-def _time_torch(fn: Callable[[], Any], *, config) -> dict[str, Any]:
+def _time_torch(fn: Callable[[], Any], *, config, calls_per_repeat: int = 1
+                ) -> dict[str, Any]:
   """Times a torch step at its best thread count among config.torch_threads.
 
   Each candidate count (0 = os.cpu_count(), the cores XLA uses) gets `warmup` calls and one
@@ -112,7 +114,7 @@ def _time_torch(fn: Callable[[], Any], *, config) -> dict[str, Any]:
   torch_ref.set_threads(best)
   with bm.RSSMonitor() as mon:
     r = bm.time_torch(fn, repeats=config.repeats, warmup=config.warmup if len(cands) == 1
-                      else 0)
+                      else 0, calls_per_repeat=calls_per_repeat)
   torch_ref.set_threads(cands[0])
   r["threads"] = best
   r["thread_probe_s"] = {str(k): v for k, v in probe.items()}
@@ -220,14 +222,16 @@ def bench_sdm_train(config, peaks: dict, use_torch: bool,
                                                  s.num_layers, s.time_dim).matmul,
       "jaxpr": bm.jaxpr_flops(step, state, batch, key),
   }
-  jax_r = _time_jax(step, state, batch, key, config=config)
+  # Training runs steps back to back: time blocks of them, the same way for both frameworks.
+  k = int(config.get("train_calls_per_repeat", 1))
+  jax_r = _time_jax(step, state, batch, key, config=config, calls_per_repeat=k)
   flops["xla"] = jax_r["xla_flops"]
   torch_r = None
   if use_torch:
     from hsijax.torch_ref.sdp import SDMTrainer
     trainer = SDMTrainer(_torch_denoiser(config, state.params), sched, pixels,
                          batch=s.train_batch, seed=config.seed)
-    torch_r = _time_torch(trainer.step, config=config)
+    torch_r = _time_torch(trainer.step, config=config, calls_per_repeat=k)
   shape = {"batch": s.train_batch, "bands": s.num_bands, "hidden": s.hidden,
            "layers": s.num_layers}
   return _finish(shape, flops, jax_r, torch_r, peaks)

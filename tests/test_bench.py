@@ -1,5 +1,6 @@
 """Tests for hsijax.benchmarking (FLOP counters, timing harness) and launch.bench (bench.json)."""
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -234,3 +235,18 @@ def test_bench_tiny_preset_all_workloads(tmp_path):
   names = bench_cfg.get_config("tiny").workloads.split(",")
   _, _, on_disk = _run_bench(tmp_path, bench_cfg.get_config("tiny").workloads, False)
   assert list(on_disk["workloads"]) == names
+
+
+def test_calls_per_repeat_times_blocks_and_reports_per_call():
+  calls = []
+
+  def call():
+    calls.append(1)
+    time.sleep(0.01)
+
+  times, cpu, comp = bm._timed_repeats(call, repeats=2, warmup=1, calls_per_repeat=3)
+  assert len(calls) == 1 + 2 * 3 and len(times) == len(cpu) == 2 and comp == []
+  # Per call, not per block: each call sleeps 10 ms.
+  assert all(0.009 < t < 0.03 for t in times)
+  with pytest.raises(ValueError, match="calls_per_repeat"):
+    bm._timed_repeats(call, repeats=1, warmup=0, calls_per_repeat=0)
