@@ -8,14 +8,14 @@ block_until_ready), FLOPs per step (analytic from the shapes, from the jaxpr, an
 cost analysis), achieved GFLOP/s and its fraction of the measured matmul peak, memory (XLA
 buffer sizes, resident-memory peak), and the same for the PyTorch eager reference
 (hsijax.torch_ref) with the JAX / PyTorch time ratio. Writes DIR/bench.json (rewritten after
-every workload, atomically) and prints a table.
+every workload, atomically) and DIR/bench.md (Markdown table), and prints a table.
 
 Timed code paths are the library's own: the SDP solver is `hsijax.sdp.solver.make_solver`, the
 training step `hsijax.sdp.train.make_train_step`, SCDM steps `hsijax.scdm.sampler.make_sampler`.
 Scanned programs (solver, sampler) are compiled for n1 and n2 steps (`sdp.steps`,
 `scdm.steps`) and the JAX time per step is the marginal (t(n2) - t(n1)) / (n2 - n1): per-call
 costs (XLA allocates its temporary buffers once per call and the loop reuses them; on this
-VM first-touch page faults of a 100+ MB arena cost ~0.1-0.5 s per call) cancel, as they do
+VM first-touch page faults of a 100+ MB arena cost ~0.2 s (64 x 64) to ~1.8 s (128 x 128) per call) cancel, as they do
 in a real 1000-step run. They are reported as `overhead_s`. PyTorch steps are timed one
 call at a time (eager code has no per-call setup to amortise).
 """

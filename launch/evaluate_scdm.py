@@ -25,7 +25,8 @@ map returns its inputs exactly, which inflates its all-band MPSNR; see `generate
 Writes DIR/metrics.json {"results": {row: {mpsnr, sam_deg, sam_rad, mssim, rmse}},
 "results_generated_bands": {same, without the RGB bands},
 "seconds": {...}, "training": {...}, "setup": {...}}, DIR/results.md (markdown table),
-DIR/evaluate.png (false colour + per-pixel error) and DIR/band_psnr.png.
+DIR/samples.npz (reference, rgb and every row's output), DIR/evaluate.png (false colour +
+per-pixel error) and DIR/band_psnr.png.
 """
 from __future__ import annotations
 

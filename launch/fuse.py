@@ -16,7 +16,8 @@ returned in the LR-HSI's original units.
 Writes DIR/fused.npz (X: the SDP result (H, W, B); also X_baseline, psf, srf, scale),
 DIR/metrics.json {"sdp": {d_lambda, d_s, qnr[, psnr, sam, rmse, ergas, uiqi]}, "baseline":
 {...}, "<classical method>": {...}, "seconds": {...}} (full-reference metrics only with a
-reference) and DIR/fusion.png with a reference.
+reference), DIR/run.json, DIR/checkpoints/, and with a reference DIR/fusion.png and
+DIR/band_psnr.png.
 
 Large scenes: `--config.solver.tile=64 --config.solver.tile_overlap=16
 --config.solver.tiles_per_call=8` solves overlapping windows (multiples of the ratio) sharded

@@ -12,7 +12,8 @@ pixels evaluate_sdp trains on); otherwise the demo's synthetic scene.
 
 Writes DIR/checkpoints/ (Orbax, every train.checkpoint_every steps; a killed run resumes from
 the latest one and ends with the same parameters as an uninterrupted run) and
-DIR/metrics.json {"final_loss", "fid", "steps", "num_pixels", "num_bands", "seconds"}.
+DIR/metrics.json {"final_loss", "fid", "steps", "num_pixels", "num_bands", "seconds",
+"loss_history"}.
 """
 from __future__ import annotations
 
