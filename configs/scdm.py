@@ -170,7 +170,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.batch = 4
   c.train.crop = 256
   c.train.lr = 1e-4
-  c.train.lr_schedule = "constant"  # paper; "cosine" decays to 1% over train.steps
+  c.train.lr_schedule = "constant"  # paper; "cosine" decays to 1% over train.steps (so
+  # resuming with a larger train.steps changes the schedule; a killed run resumes exactly)
   c.train.ema_decay = 0.9999
   c.train.ema_start = 2000
   c.train.loss_type = "l1"  # authors' code; the paper text says "mse"

@@ -141,6 +141,9 @@ def _tiny_resume_cfg(path, steps):
   # One level and one stage: the smallest U-Net, so three short runs compile quickly.
   cfg = _one_level(_cfg(path, **{"train.steps": steps, "stage": "0", "train.crop": 8}))
   cfg.train.ema_start = 1
+  # The run is "killed" by asking for fewer steps, which would also shorten a cosine decay:
+  # a real kill keeps train.steps (tests/test_kill_resume.py covers that with the preset).
+  cfg.train.lr_schedule = "constant"
   return cfg
 
 
