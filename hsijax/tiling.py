@@ -137,6 +137,21 @@ def accumulate(acc: np.ndarray, norm: np.ndarray, tiles: np.ndarray, starts: np.
     norm[r:r + t, c:c + t, 0] += w
 
 
+def chunks(num_windows: int, per_call: int, multiple: int = 1):
+  """Yields (indices (size,), num_real): the windows 0..num_windows-1 in calls of equal size.
+
+  size is `per_call` rounded up to a multiple of `multiple` (e.g. the mesh's `data` size, so
+  each call splits evenly over the devices), and no larger than needed for all windows. The
+  last call is padded by repeating the last window; keep the first num_real outputs.
+  """
+  if num_windows < 1 or per_call < 1 or multiple < 1:
+    raise ValueError(f"need num_windows, per_call and multiple >= 1, got {num_windows}, "
+                     f"{per_call}, {multiple}")
+  size = -(-min(int(per_call), num_windows) // multiple) * multiple
+  for a in range(0, num_windows, size):
+    yield np.minimum(np.arange(a, a + size), num_windows - 1), min(size, num_windows - a)
+
+
 def border_distance(grid: TileGrid, halo: int = 0) -> np.ndarray:
   """(H, W) distance of each pixel to the nearest inner edge of a window that feeds it.
 

@@ -199,21 +199,23 @@ def sample_image(sample_cascade, stage_params, rgb_norm: np.ndarray, key: jax.Ar
     overlap = int(overlap) // factor * factor
   grid = tiling.make_grid(h, w, tile, overlap, multiple=factor)
   windows = np.asarray(tiling.extract(jnp.asarray(rgb_norm), grid))
-  n_data = mesh.shape[sharding.DATA_AXIS]
-  per_call = max(n_data, -(-int(tiles_per_call) // n_data) * n_data)
-  per_call = min(per_call, -(-len(windows) // n_data) * n_data)
+  weights = tiling.blend_weights(grid)
   rep = sharding.replicated(mesh)
   run = jax.jit(sample_cascade, in_shardings=(rep, sharding.data_sharded(mesh), rep),
                 out_shardings=sharding.data_sharded(mesh))
   stage_params = sharding.replicate(stage_params, mesh)
-  outs = []
-  starts = range(0, len(windows), per_call)
-  for c, start in enumerate(starts):
-    chunk, n = sharding.pad_to_multiple(windows[start:start + per_call], per_call)
-    with progress.bar(total=total_steps, desc=f"SCDM tiles {c + 1}/{len(starts)}"):
-      x = run(stage_params, sharding.shard_batch(chunk, mesh), jax.random.fold_in(key, c))
-      outs.append(np.asarray(x)[:n])
-  return np.asarray(tiling.merge(jnp.asarray(np.concatenate(outs)), grid))
+  calls = list(tiling.chunks(len(windows), int(tiles_per_call),
+                             mesh.shape[sharding.DATA_AXIS]))
+  acc, norm = None, np.zeros((h, w, 1), np.float32)
+  for c, (idx, n_real) in enumerate(calls):
+    with progress.bar(total=total_steps, desc=f"SCDM tiles {c + 1}/{len(calls)}"):
+      x = run(stage_params, sharding.shard_batch(windows[idx], mesh),
+              jax.random.fold_in(key, c))
+      x = np.asarray(x)[:n_real]
+    if acc is None:
+      acc = np.zeros((h, w, x.shape[-1]), np.float32)
+    tiling.accumulate(acc, norm, x, grid.starts[idx[:n_real]], weights[idx[:n_real]])
+  return acc / norm
 
 
 def scores(reference: np.ndarray, x: np.ndarray) -> dict[str, float]:

@@ -92,3 +92,16 @@ def test_border_distance():
   assert dh.min() == 2 and d.min() == 0
   # A single window has no inner edge.
   assert (tiling.border_distance(tiling.make_grid(16, 16, 16, 0)) == 16).all()
+
+
+def test_chunks_cover_every_window_in_equal_padded_calls():
+  calls = list(tiling.chunks(10, 3, 2))  # per call 3 -> 4 (multiple of 2 devices)
+  assert [len(i) for i, _ in calls] == [4, 4, 4]
+  assert [n for _, n in calls] == [4, 4, 2]
+  np.testing.assert_array_equal(calls[-1][0], [8, 9, 9, 9])  # padded with the last window
+  real = np.concatenate([i[:n] for i, n in calls])
+  np.testing.assert_array_equal(real, np.arange(10))
+  # Never larger than needed: 3 windows on 2 devices -> one call of 4.
+  assert [(len(i), n) for i, n in tiling.chunks(3, 100, 2)] == [(4, 3)]
+  with pytest.raises(ValueError, match="per_call"):
+    list(tiling.chunks(3, 0, 1))

@@ -27,7 +27,6 @@ are cross-faded over the rest of the overlap (no visible seam).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -132,26 +131,23 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
     grid = tiling.make_grid(H, W, tile, overlap, multiple=ratio)
     weights = tiling.blend_weights(grid, halo)
     n = len(grid.starts)
-    chunk = math.ceil(min(tiles_per_call, n) / n_data) * n_data
     t, tl = grid.tile, grid.tile // ratio
     acc = np.zeros((H, W, y.shape[-1]), np.float32)
     norm = np.zeros((H, W, 1), np.float32)
     p = jax.device_put(params, rep)
     psf_d, srf_d = (jax.device_put(jnp.asarray(a, jnp.float32), rep) for a in (psf, srf))
     key_d = jax.device_put(key, rep)
-    for a in range(0, n, chunk):
-      idx = np.minimum(np.arange(a, a + chunk), n - 1)  # pad by repeating the last window
+    for idx, n_real in tiling.chunks(n, tiles_per_call, n_data):
       starts = grid.starts[idx]
       y_w = np.stack([y[r // ratio:r // ratio + tl, c // ratio:c // ratio + tl]
                       for r, c in starts])
       z_w = np.stack([z[r:r + t, c:c + t] for r, c in starts])
       with progress.bar(schedule.num_steps,
-                        desc=f"{desc} {a + 1}-{min(a + chunk, n)}/{n}"):
+                        desc=f"{desc} {idx[0] + 1}-{idx[0] + n_real}/{n}"):
         out = batched(p, _put(y_w, data), _put(z_w, data), psf_d, srf_d, key_d,
                       _put(starts.astype(np.int32), data))
         out = _to_host(out)
-      real = slice(0, min(chunk, n - a))
-      tiling.accumulate(acc, norm, out[real], starts[real], weights[a:a + chunk])
+      tiling.accumulate(acc, norm, out[:n_real], starts[:n_real], weights[idx[:n_real]])
     return acc / norm
 
   return solve
