@@ -12,10 +12,10 @@ One reverse step at schedule position i (original timestep t = sched.timesteps[i
 
 PDT (per sample): tau = max(1, quantile(|v|, p)) over all pixels and bands of the sample,
 v clamped to [-tau, tau]. The quantile is linear interpolation between order statistics
-(jnp.quantile's default, torch.quantile's too). Because p >= p_T, only the top
-ceil((1 - p_T)(M - 1)) + 2 values of the M per sample are ever needed, so it is computed
-with lax.top_k of that static size (3-4x faster than a full sort on CPU for M = 200k;
-`per_sample_quantile(..., p_min=None)` does the full sort).
+(jnp.quantile's default, torch.quantile's too). The two order statistics it needs are
+found exactly by bisection on the float bits (`order_statistics`: 32 compare-and-count
+passes, no sort): 1.9 ms for M = 200k values on this CPU vs 8.7 ms for lax.top_k of the
+largest 12% and more for a full sort; `per_sample_quantile(..., method="sort")` sorts.
 
 Randomness: x_T = normal(k_init), the noise added at position i is normal(fold_in(k_noise,
 i)) with (k_init, k_noise) = split(key): results do not depend on how the chain or the
@@ -31,7 +31,6 @@ needs no cross-device traffic besides the replicated parameters.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -110,44 +109,88 @@ def pdt_percentile(i: jax.Array | int, n: int, p_T: float) -> jax.Array:
   return 1.0 - (1.0 - p_T) * jnp.asarray(i, jnp.float32) / max(int(n) - 1, 1)
 
 
+QUANTILE_METHODS = ("select", "sort")
+
+
+def _sortable_bits(a: jax.Array) -> jax.Array:
+  """float32 -> uint32 keys with the same order (negative floats flipped, sign bit set on rest)."""
+  b = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+  return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _float_of_sortable(u: jax.Array) -> jax.Array:
+  """Inverse of `_sortable_bits`."""
+  b = jnp.where(u >> 31 == 1, u & jnp.uint32(0x7FFFFFFF), ~u)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def order_statistics(flat: jax.Array, ranks: jax.Array) -> jax.Array:
+  """Exact order statistics per row, by bisection on the float bits (no sort).
+
+  Value of ascending rank r (0-based) of row n is the smallest key u with
+  #{keys <= u} >= r + 1; 32 halvings of the uint32 key range find it exactly. Each halving
+  is one fused compare-and-count pass over the row, so the cost is 32 cheap passes, 4-7x
+  faster on CPU than lax.top_k of the ~12% largest values (which it replaces) and
+  independent of the rank.
+
+  Args:
+    flat: (N, M) float32 values.  ranks: (N, R) int32 ascending ranks in [0, M).
+
+  Returns:
+    (N, R) float32, row n's values at `ranks[n]` (what jnp.sort(flat)[n, ranks[n]] gives).
+  """
+  keys = _sortable_bits(flat)[:, None, :]                      # (N, 1, M)
+  ranks = ranks.astype(jnp.int32)
+
+  def halve(_, bounds):
+    lo, hi = bounds                                            # answer in [lo, hi]
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(keys <= mid[..., None], axis=-1, dtype=jnp.int32) >= ranks + 1
+    return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+  start = (jnp.zeros(ranks.shape, jnp.uint32), jnp.full(ranks.shape, 0xFFFFFFFF, jnp.uint32))
+  lo, _ = jax.lax.fori_loop(0, 32, halve, start)
+  return _float_of_sortable(lo)
+
+
 def per_sample_quantile(a: jax.Array, q: jax.Array | float,
-                        p_min: float | None = None) -> jax.Array:
+                        method: str = "select") -> jax.Array:
   """Quantile q of each sample's values: (N, ...) -> (N,), linear interpolation.
 
-  With `p_min` (a static lower bound on q) only the largest values are extracted with
-  lax.top_k, which is exact for q >= p_min and much cheaper than sorting everything.
+  Same definition as jnp.quantile / torch.quantile (interpolation between the order
+  statistics at floor(q (M - 1)) and the next). method "select": the two order statistics
+  by `order_statistics` (exact, fast); "sort": a full sort of each sample (reference).
   """
+  if method not in QUANTILE_METHODS:
+    raise ValueError(f"unknown quantile method {method!r}; use one of {QUANTILE_METHODS}")
   flat = a.reshape(a.shape[0], -1)
   m = flat.shape[1]
   pos = jnp.asarray(q, jnp.float32) * (m - 1)
   lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, m - 1)
   hi = jnp.minimum(lo + 1, m - 1)
   frac = pos - lo.astype(jnp.float32)
-  if p_min is None:
+  if method == "sort":
     s = jnp.sort(flat, axis=1)
     return s[:, lo] * (1.0 - frac) + s[:, hi] * frac
-  k = min(m, int(math.ceil((1.0 - float(p_min)) * (m - 1))) + 2)
-  top = jax.lax.top_k(flat, k)[0]  # descending: ascending index j sits at m - 1 - j
-  # Guard against q < p_min (outside the contract): clamp into the extracted range.
-  at = lambda j: top[:, jnp.clip(m - 1 - j, 0, k - 1)]
-  return at(lo) * (1.0 - frac) + at(hi) * frac
+  ranks = jnp.broadcast_to(jnp.stack([lo, hi]), (flat.shape[0], 2))
+  v = order_statistics(flat, ranks)
+  return v[:, 0] * (1.0 - frac) + v[:, 1] * frac
 
 
-def _pdt_clamp(v: jax.Array, p: jax.Array | float, p_min: float | None) -> jax.Array:
-  tau = jnp.maximum(per_sample_quantile(jnp.abs(v), p, p_min), 1.0)
+def _pdt_clamp(v: jax.Array, p: jax.Array | float) -> jax.Array:
+  tau = jnp.maximum(per_sample_quantile(jnp.abs(v), p), 1.0)
   tau = tau.reshape((-1,) + (1,) * (v.ndim - 1))
   return jnp.clip(v, -tau, tau)
 
 
-def pdt_clamp_eps(eps: jax.Array, p: jax.Array | float,
-                  p_min: float | None = None) -> jax.Array:
+def pdt_clamp_eps(eps: jax.Array, p: jax.Array | float) -> jax.Array:
   """Paper PDT: clamp each sample's eps (N, ...) to [-tau, tau], tau = max(1, q_p(|eps|))."""
-  return _pdt_clamp(eps, p, p_min)
+  return _pdt_clamp(eps, p)
 
 
-def pdt_clamp_x(x: jax.Array, p: jax.Array | float, p_min: float | None = None) -> jax.Array:
+def pdt_clamp_x(x: jax.Array, p: jax.Array | float) -> jax.Array:
   """Authors'-code PDT: clamp each sample x_t (N, ...) by tau = max(1, q_p(|x_t|))."""
-  return _pdt_clamp(x, p, p_min)
+  return _pdt_clamp(x, p)
 
 
 # ----------------------------------------------------------------------------
@@ -201,14 +244,13 @@ def sampler_step(apply_fn: ApplyFn, params: Any, sched: diffusion.Schedule, x: j
   """
   t = sched.timesteps[i]
   p = pdt_percentile(t, num_timesteps, settings.pdt_p_T)
-  p_min = min(float(settings.pdt_p_T), 1.0)
   if settings.pdt_target == "x":
-    x = pdt_clamp_x(x, p, p_min)
+    x = pdt_clamp_x(x, p)
   eps = guided_eps(apply_fn, params, x, cond, jnp.full((x.shape[0],), t, jnp.int32),
                    settings.guidance_scale)
   eps = diffusion.eps_from_prediction(sched, x, i, eps, prediction)
   if settings.pdt_target == "eps":
-    eps = pdt_clamp_eps(eps, p, p_min)
+    eps = pdt_clamp_eps(eps, p)
   return SAMPLERS[settings.method](sched, x, i, eps, noise, settings)
 
 
