@@ -387,7 +387,8 @@ class CondUNet(nn.Module):
     dropout: rate inside every ResBlock, used only with train=True (rng "dropout").
     groups: GroupNorm groups, lowered per layer to the largest divisor of its channels.
     conv_impl: "auto" (3x3 convolutions on small maps as im2col + matmul and upsampling
-      convolutions as phase kernels, see Conv3x3; GroupNorm as in `GroupNorm`) or "xla"
+      convolutions as phase kernels, see Conv3x3; 1x1 skip convolutions as one matmul,
+      see Conv1x1; GroupNorm as in `GroupNorm`) or "xla"
       (the earlier formulation: lax.conv everywhere, flax's nn.GroupNorm); same
       parameters and function, outputs equal to float32 rounding.
   """
