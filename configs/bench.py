@@ -15,9 +15,11 @@ Workloads (`workloads` is a comma-separated subset of these names):
   sdp_step_<S>         one SDP solver timestep (K Adam steps on X) on an S x S x 103 scene,
                        ratio 8, 15 x 15 PSF, 4 MSI bands: the library's jitted solver run for
                        sdp.steps = (n1, n2) outer steps; per step = (t(n2) - t(n1)) / (n2 - n1).
-  scdm_<u>[_icmg]      one SCDM sampler step of U-Net <u> ("tiny" / "paper"), without or with
-                       ICMG (conditional + unconditional prediction as one 2N batch), PDT on;
-                       timed like the solver, the library sampler over scdm.steps = (n1, n2).
+  scdm_<u>[_icmg]      one SCDM sampler step of U-Net <u> ("tiny" / "paper" / in the cpu
+                       preset also "paper256"), without or with ICMG (conditional +
+                       unconditional prediction as one 2N batch), PDT on; timed like the
+                       solver, the library sampler over scdm.steps = (n1, n2) steps
+                       (scdm.unet_steps[<u>] when given).
   sample_<u>_<m>       full sampling with method m ("ddim": `sampling.ddim_steps` steps, "ddpm":
                        `sampling.ddpm_steps`), ICMG on; when the predicted time exceeds
                        `sampling.max_full_s` the total is estimated from the per-step time of
@@ -73,8 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Matmul precision of workloads without an "@<precision>" suffix (hsijax.precision).
   c.precision = "default"
   c.workloads = ("sdm_train,sdp_step_64,sdp_step_128,scdm_tiny,scdm_tiny_icmg,scdm_paper,"
-                 "scdm_paper_icmg,sample_tiny_ddim,sample_tiny_ddpm,sample_paper_ddim,"
-                 "sample_paper_ddpm")
+                 "scdm_paper_icmg,scdm_paper256,sample_tiny_ddim,sample_tiny_ddpm,"
+                 "sample_paper_ddim,sample_paper_ddpm")
 
   c.sdp = ml_collections.ConfigDict()
   c.sdp.num_bands = 103
@@ -101,11 +103,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.scdm.pdt_target = "eps"
   c.scdm.pdt_p_T = 0.88
   c.scdm.steps = (2, 6)  # sampler steps of the two timed JAX programs (marginal per step)
+  paper_unet = _unet(128, (1, 2, 2, 2, 2, 2, 2), (3,), 32)
   c.scdm.unets = ml_collections.ConfigDict({
       "tiny": _unet(16, (1, 2, 2), (1,), 8),
-      "paper": _unet(128, (1, 2, 2, 2, 2, 2, 2), (3,), 32),
+      "paper": paper_unet,
+      # The same U-Net on the paper's 256 x 256 crops (one step: ~3 s JAX, ~5 s PyTorch
+      # here), so timed over (1, 2) steps and without ICMG in the cpu preset.
+      "paper256": paper_unet,
   })
-  c.scdm.sizes = ml_collections.ConfigDict({"tiny": 32, "paper": 64})  # H = W
+  c.scdm.sizes = ml_collections.ConfigDict({"tiny": 32, "paper": 64, "paper256": 256})  # H = W
+  c.scdm.unet_steps = ml_collections.ConfigDict({"paper256": (1, 2)})
   c.scdm.batch = 1
 
   c.sampling = ml_collections.ConfigDict()
@@ -117,9 +124,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if preset == "gpu":
     c.torch = False
-    c.workloads = c.workloads.replace("sdp_step_128,", "sdp_step_128,sdp_step_256,")
+    c.workloads = c.workloads.replace("sdp_step_128,", "sdp_step_128,sdp_step_256,").replace(
+        "scdm_paper256,", "")  # "paper" is the 256 x 256 one here
     c.sdp.steps = (2, 12)
-    c.scdm.sizes = ml_collections.ConfigDict({"tiny": 64, "paper": 256})
+    c.scdm.sizes = ml_collections.ConfigDict({"tiny": 64, "paper": 256, "paper256": 256})
+    c.scdm.unet_steps = ml_collections.ConfigDict()
     c.scdm.steps = (5, 25)
     c.sampling.max_full_s = 3600.0
     c.repeats = 10

@@ -364,7 +364,7 @@ def bench_scdm_step(config, unet: str, icmg: bool, peaks: dict,
   """One SCDM DDPM sampler step (U-Net forward, ICMG as a 2N batch when on, PDT, update)."""
   c = config.scdm
   model, params, cond = _scdm_setup(config, unet)
-  n1, n2 = (int(v) for v in c.steps)
+  n1, n2 = (int(v) for v in c.get("unet_steps", {}).get(unet, c.steps))
   build = lambda n: _jax_sampler(config, model, diffusion.make_respaced_schedule(
       "linear", 1000, n), "ddpm", icmg)
   sched = diffusion.make_respaced_schedule("linear", 1000, n1)

@@ -126,11 +126,12 @@ def test_time_condition_computed_once_for_scalar_t():
   assert not any(time_dim in lhs for lhs, _ in scalar)
   assert len(scalar) == 5
   # Per-pixel t really does run the time MLP (2) and the 4 condition layers per pixel; the
-  # x-facing parts are then one dot per layer (5) next to the 4 h @ K_h.
+  # main layers are then layer 0 on x plus one concat(h, x) dot per later layer (4).
   assert any(lhs == (n, time_dim) for lhs, _ in vector)
-  # (n, B) @ (B, hidden): 4 condition layers + the x parts of layers 0-3.
-  assert sum(shapes == ((n, B), (B, hidden)) for shapes in vector) == 4 + 4
-  assert len(vector) == 5 + 4 + 2 + 4
+  # (n, B) @ (B, hidden): 4 condition layers + layer 0.
+  assert sum(shapes == ((n, B), (B, hidden)) for shapes in vector) == 4 + 1
+  assert sum(shapes[0] == (n, hidden + B) for shapes in vector) == 4
+  assert len(vector) == 1 + 4 + 2 + 4
 
 
 def test_init_xavier_normal_zero_bias():
