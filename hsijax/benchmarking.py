@@ -77,38 +77,66 @@ def compile_fn(fn: Callable, *args: Any) -> tuple[Any, float, float]:
 
 
 def _timed_repeats(call: Callable[[], Any], repeats: int, warmup: int,
-                   companion: Callable[[], Any] | None = None, calls_per_repeat: int = 1
-                   ) -> tuple[list[float], list[float], list[float]]:
+                   companion: Callable[[], Any] | None = None, calls_per_repeat: int = 1,
+                   partner: Callable[[], Any] | None = None) -> dict[str, list[float]]:
   """Wall-clock and process-CPU seconds per call over `repeats` repeats after `warmup`
-  calls, and the wall-clock seconds of `companion()` timed right after each repeat (empty if
-  None).
+  calls; right after each repeat, the same for `partner` (another implementation of the
+  workload, e.g. the PyTorch reference: each pair of repeats then meets the same machine
+  load), then the wall-clock seconds of `companion()` (e.g. a reference matmul).
 
   Each repeat makes `calls_per_repeat` back-to-back calls and reports their mean: the steady
   state of a training loop, where caches stay warm and worker threads stay awake between
   steps (a companion matmul between single ~20 ms calls evicts both and taxes the next call).
+
+  Returns:
+    {"times", "cpu"} per repeat, "partner_times" / "partner_cpu" (empty without a
+    partner) and "companion" (empty without a companion).
   """
   if repeats < 1 or warmup < 0 or calls_per_repeat < 1:
     raise ValueError(f"need repeats >= 1, warmup >= 0 and calls_per_repeat >= 1, got "
                      f"repeats={repeats}, warmup={warmup}, calls_per_repeat={calls_per_repeat}")
   for _ in range(warmup):
     call()
-  times, cpu, comp = [], [], []
-  for _ in range(repeats):
+  out = {k: [] for k in ("times", "cpu", "partner_times", "partner_cpu", "companion")}
+
+  def timed(fn, wall_key, cpu_key):
     c0, t0 = time.process_time(), time.perf_counter()
     for _ in range(calls_per_repeat):
-      call()
-    times.append((time.perf_counter() - t0) / calls_per_repeat)
-    cpu.append((time.process_time() - c0) / calls_per_repeat)
+      fn()
+    out[wall_key].append((time.perf_counter() - t0) / calls_per_repeat)
+    out[cpu_key].append((time.process_time() - c0) / calls_per_repeat)
+
+  for _ in range(repeats):
+    timed(call, "times", "cpu")
+    if partner is not None:
+      timed(partner, "partner_times", "partner_cpu")
     if companion is not None:
       t0 = time.perf_counter()
       companion()
-      comp.append(time.perf_counter() - t0)
-  return times, cpu, comp
+      out["companion"].append(time.perf_counter() - t0)
+  return out
+
+
+def _partner_record(r: dict[str, list[float]]) -> dict[str, Any] | None:
+  """Timing record of the partner of `_timed_repeats` / `time_marginal` (None without)."""
+  if not r["partner_times"]:
+    return None
+  return {"compile_s": 0.0, "step_s": float(np.median(r["partner_times"])),
+          "times": r["partner_times"], "cpu_s": float(np.median(r["partner_cpu"])),
+          "cpu_times": r["partner_cpu"], "paired": True}
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float | None:
+  """Median over repeats of a[j] / b[j]: the ratio of two implementations timed in pairs
+  (robust to load that drifts during a run, unlike median(a) / median(b))."""
+  pairs = [x / y for x, y in zip(a, b) if y > 0]
+  return float(np.median(pairs)) if pairs else None
 
 
 def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
             companion: Callable[[], Any] | None = None,
-            calls_per_repeat: int = 1) -> dict[str, Any]:
+            calls_per_repeat: int = 1,
+            partner: Callable[[], Any] | None = None) -> dict[str, Any]:
   """Times a JAX function: compile separately, then `warmup` calls, then `repeats` calls.
 
   Compilation is measured on its own through `jax.jit(fn).lower(*args).compile()`; every
@@ -123,25 +151,32 @@ def time_fn(fn: Callable, *args: Any, repeats: int = 5, warmup: int = 1,
     companion_times: with `companion` (a blocking zero-argument callable, e.g. a reference
     matmul) its time right after each repeat, so both see the same machine load.
     With calls_per_repeat = k each repeat is k back-to-back calls (times are per call).
+    cpu_times: process-CPU seconds per call of every repeat. partner: None, or with
+    `partner` (a blocking zero-argument callable, another implementation of the same
+    step, warmed up by the caller) its record {step_s, times, cpu_s, cpu_times}, timed
+    right after each repeat (see `paired_ratio`).
   """
   compiled, lower_s, compile_s = compile_fn(fn, *args)
-  times, cpu, comp = _timed_repeats(lambda: jax.block_until_ready(compiled(*args)), repeats,
-                                    warmup, companion, calls_per_repeat)
+  r = _timed_repeats(lambda: jax.block_until_ready(compiled(*args)), repeats, warmup,
+                     companion, calls_per_repeat, partner)
   return {
-      "companion_times": comp,
+      "companion_times": r["companion"],
       "lower_s": lower_s,
       "compile_s": compile_s,
-      "step_s": float(np.median(times)),
-      "times": times,
-      "cpu_s": float(np.median(cpu)),
+      "step_s": float(np.median(r["times"])),
+      "times": r["times"],
+      "cpu_s": float(np.median(r["cpu"])),
+      "cpu_times": r["cpu"],
       "xla_flops": xla_flops(compiled),
       "memory": memory_stats(compiled),
+      "partner": _partner_record(r),
   }
 
 
 def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tuple[int, int],
                   repeats: int = 5, warmup: int = 1,
-                  companion: Callable[[], Any] | None = None) -> dict[str, Any]:
+                  companion: Callable[[], Any] | None = None,
+                  partner: Callable[[], Any] | None = None) -> dict[str, Any]:
   """Steady-state seconds per step of a scanned program, free of per-call costs.
 
   `fn_short` and `fn_long` run the same loop for steps[0] < steps[1] steps. Each timed
@@ -155,7 +190,9 @@ def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tupl
     call minus steps[0] x step_s), call_times {steps[0]: [...], steps[1]: [...]},
     companion_times (as in `time_fn`), xla_flops, memory (of fn_long), marginal_fallback
     (True when the median marginal was <= 0, i.e. a step is too cheap to resolve against
-    call-to-call jitter; then times = long calls / steps[1], an upper bound).
+    call-to-call jitter; then times = long calls / steps[1], an upper bound), cpu_times
+    (marginal process-CPU seconds of every repeat) and partner (as in `time_fn`: one
+    partner step timed after each repeat's pair of calls).
   """
   n_short, n_long = steps
   if not 0 < n_short < n_long:
@@ -170,6 +207,7 @@ def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tupl
     run(c_short)
     run(c_long)
   short, long_, cpu, comp = [], [], [], []
+  pr = {"partner_times": [], "partner_cpu": []}
   for _ in range(repeats):
     c0, t0 = time.process_time(), time.perf_counter()
     run(c_short)
@@ -179,6 +217,11 @@ def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tupl
     short.append(t1 - t0)
     long_.append(t2 - t1)
     cpu.append(((c2 - c1) - (c1 - c0)) / (n_long - n_short))
+    if partner is not None:
+      partner()
+      c3, t3 = time.process_time(), time.perf_counter()
+      pr["partner_times"].append(t3 - t2)
+      pr["partner_cpu"].append(c3 - c2)
     if companion is not None:
       t0 = time.perf_counter()
       companion()
@@ -194,12 +237,14 @@ def time_marginal(fn_short: Callable, fn_long: Callable, *args: Any, steps: tupl
       "step_s": step_s,
       "times": marg,
       "cpu_s": float(np.median(cpu)) if not fallback else None,
+      "cpu_times": cpu if not fallback else None,
       "marginal_fallback": fallback,
       "overhead_s": float(np.median(short)) - n_short * step_s,
       "call_times": {str(n_short): short, str(n_long): long_},
       "companion_times": comp,
       "xla_flops": xla_flops(c_long),
       "memory": memory_stats(c_long),
+      "partner": _partner_record(pr),
   }
 
 
@@ -207,9 +252,9 @@ def time_torch(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
                calls_per_repeat: int = 1) -> dict[str, Any]:
   """Times an eager PyTorch callable (no compilation; eager ops are synchronous on CPU);
   calls_per_repeat as in `time_fn`."""
-  times, cpu, _ = _timed_repeats(fn, repeats, warmup, calls_per_repeat=calls_per_repeat)
-  return {"compile_s": 0.0, "step_s": float(np.median(times)), "times": times,
-          "cpu_s": float(np.median(cpu))}
+  r = _timed_repeats(fn, repeats, warmup, calls_per_repeat=calls_per_repeat)
+  return {"compile_s": 0.0, "step_s": float(np.median(r["times"])), "times": r["times"],
+          "cpu_s": float(np.median(r["cpu"])), "cpu_times": r["cpu"]}
 
 
 # --------------------------------------------------------------------------- XLA analyses

@@ -66,58 +66,106 @@ def torch_ready(config) -> bool:
   return True
 
 
-def _time_jax(fn: Callable, *args: Any, config, calls_per_repeat: int = 1) -> dict[str, Any]:
+def _time_jax(fn: Callable, *args: Any, config, calls_per_repeat: int = 1,
+              partner: Callable[[], Any] | None = None) -> dict[str, Any]:
   """bm.time_fn (one step per call) with resident-memory monitoring."""
   with bm.RSSMonitor() as mon:
     r = bm.time_fn(fn, *args, repeats=config.repeats, warmup=config.warmup,
                    companion=_COMPANION[0] if _COMPANION else None,
-                   calls_per_repeat=calls_per_repeat)
+                   calls_per_repeat=calls_per_repeat, partner=partner)
   r["memory"] = dict(r["memory"] or {}, **mon.as_dict())
   return r
 
 
 def _time_jax_marginal(build: Callable[[int], Callable], *args: Any, config,
-                       steps) -> dict[str, Any]:
+                       steps, partner: Callable[[], Any] | None = None) -> dict[str, Any]:
   """bm.time_marginal of build(steps[0]) vs build(steps[1]) with RSS monitoring."""
   n1, n2 = (int(s) for s in steps)
   with bm.RSSMonitor() as mon:
     r = bm.time_marginal(build(n1), build(n2), *args, steps=(n1, n2),
                          repeats=config.repeats, warmup=config.warmup,
-                         companion=_COMPANION[0] if _COMPANION else None)
+                         companion=_COMPANION[0] if _COMPANION else None, partner=partner)
   r["memory"] = dict(r["memory"] or {}, **mon.as_dict())
   r["xla_flops_program"] = r.pop("xla_flops")
   return r
 
 
-def _time_torch(fn: Callable[[], Any], *, config, calls_per_repeat: int = 1
-                ) -> dict[str, Any]:
-  """Times a torch step at its best thread count among config.torch_threads.
+def _torch_threads(fn: Callable[[], Any], *, config) -> dict[str, Any]:
+  """Sets torch to its fastest thread count for `fn` among config.torch_threads.
 
   Each candidate count (0 = os.cpu_count(), the cores XLA uses) gets `warmup` calls and one
-  timed probe call; the repeats then run at the fastest count. On a shared, oversubscribed
-  CPU torch's OpenMP barriers can make 2 threads many times slower than 1, which would
-  otherwise flatter the JAX / PyTorch ratio.
+  timed probe call. On a shared, oversubscribed CPU torch's OpenMP barriers can make 2
+  threads many times slower than 1, which would otherwise flatter the JAX / PyTorch ratio.
+
+  Returns:
+    {"threads": best count (now set), "candidates": [...], "thread_probe_s": {count: s},
+     "memory": resident memory during the probes (torch alone)}.
   """
-  import torch
   from hsijax import torch_ref
   cands = [int(t) or (os.cpu_count() or 1) for t in config.torch_threads]
   cands = list(dict.fromkeys(cands))
   probe = {}
-  for n in cands:
-    torch_ref.set_threads(n)
-    for _ in range(config.warmup):
+  with bm.RSSMonitor() as mon:
+    for n in cands:
+      torch_ref.set_threads(n)
+      for _ in range(max(int(config.warmup), 1) if len(cands) > 1 else 0):
+        fn()
+      t0 = time.perf_counter()
       fn()
-    t0 = time.perf_counter()
-    fn()
-    probe[n] = time.perf_counter() - t0
+      probe[n] = time.perf_counter() - t0
   best = min(probe, key=probe.get)
   torch_ref.set_threads(best)
-  with bm.RSSMonitor() as mon:
-    r = bm.time_torch(fn, repeats=config.repeats, warmup=config.warmup if len(cands) == 1
-                      else 0, calls_per_repeat=calls_per_repeat)
-  torch_ref.set_threads(cands[0])
-  r["threads"] = best
-  r["thread_probe_s"] = {str(k): v for k, v in probe.items()}
+  return {"threads": best, "candidates": cands,
+          "thread_probe_s": {str(k): v for k, v in probe.items()}, "memory": mon.as_dict()}
+
+
+def _time_with_torch(time_jax: Callable[..., dict], torch_fn: Callable[[], Any] | None, *,
+                     config, calls_per_repeat: int = 1) -> tuple[dict, dict | None]:
+  """Times JAX and (when given) the PyTorch step in pairs: after torch's thread probe,
+  `time_jax(partner=...)` runs one PyTorch repeat (`calls_per_repeat` calls) right after
+  every JAX repeat, so each pair meets the same machine load; the ratio is then the median
+  of the per-pair ratios (`bm.paired_ratio`), robust to load that drifts during a run.
+
+  Returns:
+    (JAX record, PyTorch record or None); the PyTorch record also has the thread probe.
+  """
+  if torch_fn is None:
+    return time_jax(partner=None), None
+  from hsijax import torch_ref
+  probe = _torch_threads(torch_fn, config=config)
+
+  def partner():
+    for _ in range(calls_per_repeat):
+      torch_fn()
+
+  try:
+    jax_r = time_jax(partner=partner)
+  finally:
+    torch_ref.set_threads(probe["candidates"][0])
+  torch_r = jax_r.pop("partner")
+  for key in ("times", "cpu_times"):  # per call, like the JAX side
+    torch_r[key] = [v / calls_per_repeat for v in torch_r[key]]
+  torch_r["step_s"] = float(np.median(torch_r["times"]))
+  torch_r["cpu_s"] = float(np.median(torch_r["cpu_times"]))
+  torch_r.update({k: probe[k] for k in ("threads", "thread_probe_s", "memory")})
+  return jax_r, torch_r
+
+
+def _time_torch(fn: Callable[[], Any], *, config, calls_per_repeat: int = 1
+                ) -> dict[str, Any]:
+  """Times a torch callable on its own at its best thread count (`_torch_threads`); used
+  for the full-sampling totals, which are too long to pair with JAX repeat by repeat."""
+  from hsijax import torch_ref
+  probe = _torch_threads(fn, config=config)
+  try:
+    with bm.RSSMonitor() as mon:
+      r = bm.time_torch(fn, repeats=config.repeats, warmup=config.warmup
+                        if len(probe["candidates"]) == 1 else 0,
+                        calls_per_repeat=calls_per_repeat)
+  finally:
+    torch_ref.set_threads(probe["candidates"][0])
+  r["threads"] = probe["threads"]
+  r["thread_probe_s"] = probe["thread_probe_s"]
   r["memory"] = mon.as_dict()
   return r
 
@@ -145,11 +193,21 @@ def _finish(shape: dict, flops: dict, jax_r: dict, torch_r: dict | None,
     r["fraction_of_matmul_peak"] = frac
     start = peaks["jax"]["gflops"]
     r["fraction_of_start_jax_matmul_peak"] = r["gflops"] / start if r["gflops"] else None
-  out["ratio_jax_over_torch"] = jax_r["step_s"] / torch_r["step_s"] if torch_r else None
-  # Same ratio in process-CPU seconds: robust when other jobs share the cores (wall time
-  # then depends on how many cores each framework happened to get).
-  out["cpu_ratio_jax_over_torch"] = jax_r["cpu_s"] / torch_r["cpu_s"] \
-      if torch_r and torch_r.get("cpu_s") and jax_r.get("cpu_s") else None
+  out["ratio_jax_over_torch"] = None
+  out["cpu_ratio_jax_over_torch"] = None
+  if torch_r:
+    paired = torch_r.get("paired", False)
+    # Timed in pairs: median of the per-pair ratios; otherwise the ratio of the medians.
+    out["ratio_method"] = "median of per-repeat pairs" if paired else "ratio of medians"
+    out["ratio_of_medians"] = jax_r["step_s"] / torch_r["step_s"]
+    out["ratio_jax_over_torch"] = bm.paired_ratio(jax_r["times"], torch_r["times"]) \
+        if paired else out["ratio_of_medians"]
+    # Same ratio in process-CPU seconds: robust when other jobs share the cores (wall time
+    # then depends on how many cores each framework happened to get).
+    if jax_r.get("cpu_s") and torch_r.get("cpu_s"):
+      out["cpu_ratio_jax_over_torch"] = \
+          bm.paired_ratio(jax_r["cpu_times"], torch_r["cpu_times"]) \
+          if paired and jax_r.get("cpu_times") else jax_r["cpu_s"] / torch_r["cpu_s"]
   return out
 
 
@@ -224,14 +282,16 @@ def bench_sdm_train(config, peaks: dict, use_torch: bool,
   }
   # Training runs steps back to back: time blocks of them, the same way for both frameworks.
   k = int(config.get("train_calls_per_repeat", 1))
-  jax_r = _time_jax(step, state, batch, key, config=config, calls_per_repeat=k)
-  flops["xla"] = jax_r["xla_flops"]
-  torch_r = None
+  torch_fn = None
   if use_torch:
     from hsijax.torch_ref.sdp import SDMTrainer
     trainer = SDMTrainer(_torch_denoiser(config, state.params), sched, pixels,
                          batch=s.train_batch, seed=config.seed)
-    torch_r = _time_torch(trainer.step, config=config, calls_per_repeat=k)
+    torch_fn = trainer.step
+  jax_r, torch_r = _time_with_torch(
+      lambda partner: _time_jax(step, state, batch, key, config=config, calls_per_repeat=k,
+                                partner=partner), torch_fn, config=config, calls_per_repeat=k)
+  flops["xla"] = jax_r["xla_flops"]
   shape = {"batch": s.train_batch, "bands": s.num_bands, "hidden": s.hidden,
            "layers": s.num_layers}
   return _finish(shape, flops, jax_r, torch_r, peaks)
@@ -276,14 +336,16 @@ def bench_sdp_step(config, size: int, peaks: dict, use_torch: bool,
   flops["xla"] = s.K * inner_xla if inner_xla else None
   flops["xla_note"] = "K x XLA cost analysis of one inner gradient (XLA counts loops once)"
 
-  jax_r = _time_jax_marginal(build, *args, config=config, steps=(n1, n2))
-  torch_r = None
+  torch_fn = None
   if use_torch:
     from hsijax.torch_ref.sdp import SDPSolver
     ref = SDPSolver(_torch_denoiser(config, params), diffusion.make_schedule("linear", 1000),
                     y, z, psf, srf, ratio=s.ratio, lam=s.lam, gam=s.gam, lr=s.lr, K=s.K,
                     seed=config.seed)
-    torch_r = _time_torch(lambda: ref.timestep(500), config=config)
+    torch_fn = lambda: ref.timestep(500)
+  jax_r, torch_r = _time_with_torch(
+      lambda partner: _time_jax_marginal(build, *args, config=config, steps=(n1, n2),
+                                         partner=partner), torch_fn, config=config)
   shape = {"H": size, "W": size, "B": s.num_bands, "b": s.msi_bands, "ratio": s.ratio,
            "psf": s.psf_size, "K": s.K, "hidden": s.hidden, "timed_steps": [n1, n2]}
   return _finish(shape, flops, jax_r, torch_r, peaks)
@@ -384,16 +446,18 @@ def bench_scdm_step(config, unet: str, icmg: bool, peaks: dict,
            "jaxpr": bm.jaxpr_flops(sample, params["params"], cond_j, key) / n1,
            "xla": bm.xla_flops(fwd_c),
            "xla_note": "XLA cost analysis of one U-Net forward on the same batch"}
-  jax_r = _time_jax_marginal(build, params["params"], cond_j, key, config=config,
-                             steps=(n1, n2))
-  torch_r = None
+  torch_fn = None
   if use_torch:
     import torch
     tm = _torch_unet(config, unet, params)
     ref = _torch_sampler(config, tm, sched, "ddpm", icmg)
     x0 = torch.randn((cond.shape[0], c.out_channels, size, size))
     cond_t = _nchw(cond)
-    torch_r = _time_torch(lambda: ref.step(x0, cond_t, n1 - 1), config=config)
+    torch_fn = lambda: ref.step(x0, cond_t, n1 - 1)
+  jax_r, torch_r = _time_with_torch(
+      lambda partner: _time_jax_marginal(build, params["params"], cond_j, key, config=config,
+                                         steps=(n1, n2), partner=partner),
+      torch_fn, config=config)
   u = c.unets[unet]
   from hsijax.scdm.unet import count_params
   shape = {"N": int(cond.shape[0]), "H": size, "W": size, "C_out": c.out_channels,

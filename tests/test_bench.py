@@ -244,9 +244,52 @@ def test_calls_per_repeat_times_blocks_and_reports_per_call():
     calls.append(1)
     time.sleep(0.01)
 
-  times, cpu, comp = bm._timed_repeats(call, repeats=2, warmup=1, calls_per_repeat=3)
-  assert len(calls) == 1 + 2 * 3 and len(times) == len(cpu) == 2 and comp == []
+  r = bm._timed_repeats(call, repeats=2, warmup=1, calls_per_repeat=3)
+  assert len(calls) == 1 + 2 * 3 and len(r["times"]) == len(r["cpu"]) == 2
+  assert r["companion"] == [] and r["partner_times"] == []
   # Per call, not per block: each call sleeps 10 ms.
-  assert all(0.009 < t < 0.03 for t in times)
+  assert all(0.009 < t < 0.03 for t in r["times"])
   with pytest.raises(ValueError, match="calls_per_repeat"):
     bm._timed_repeats(call, repeats=1, warmup=0, calls_per_repeat=0)
+
+
+def test_partner_is_timed_right_after_each_repeat_and_paired():
+  order = []
+
+  def call():
+    order.append("a")
+    time.sleep(0.01)
+
+  def partner():
+    order.append("b")
+    time.sleep(0.03)
+
+  r = bm._timed_repeats(call, repeats=3, warmup=1, partner=partner, calls_per_repeat=2,
+                        companion=lambda: order.append("c"))
+  # warm-up of the main call only, then per repeat: main block, partner block, companion.
+  assert order == ["a"] + ["a", "a", "b", "b", "c"] * 3
+  assert all(0.025 < t < 0.06 for t in r["partner_times"])
+  ratio = bm.paired_ratio(r["times"], r["partner_times"])
+  assert 0.15 < ratio < 0.5  # 10 ms vs 30 ms per call
+  # Pairing cancels a slowdown that hits both members of a pair alike, a ratio of
+  # medians does not.
+  a, b = [1.0, 2.0, 4.0], [2.0, 4.0, 8.0]
+  assert bm.paired_ratio(a, b) == 0.5
+  assert bm.paired_ratio([1.0, 4.0, 4.0], [2.0, 2.0, 8.0]) == 0.5
+  assert float(np.median([1.0, 4.0, 4.0]) / np.median([2.0, 2.0, 8.0])) == 2.0
+
+
+def test_time_marginal_partner_record():
+  a = jnp.ones((16, 16))
+
+  def looped(n):
+    return jax.jit(lambda a: jax.lax.fori_loop(0, n, lambda i, x: jnp.tanh(x @ x), a))
+
+  calls = []
+  r = bm.time_marginal(looped(1), looped(3), a, steps=(1, 3), repeats=3, warmup=1,
+                       partner=lambda: (calls.append(1), time.sleep(0.02)))
+  assert len(calls) == 3  # one partner call per repeat, none during warm-up
+  p = r["partner"]
+  assert p["paired"] and len(p["times"]) == len(p["cpu_times"]) == 3
+  assert all(0.018 < t < 0.06 for t in p["times"])
+  assert p["step_s"] == pytest.approx(float(np.median(p["times"])))
