@@ -7,6 +7,8 @@ resumed from its last checkpoint ends with exactly the parameters of an uninterr
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable
 
 import flax
@@ -15,6 +17,36 @@ import numpy as np
 
 from hsijax import progress
 from hsijax.checkpoint import Checkpointer
+
+
+HISTORY_FILE = "history.json"  # next to the checkpoints: the loss curve of the whole run
+
+
+def _history_path(checkpointer: Checkpointer) -> str:
+  return os.path.join(str(checkpointer.directory), HISTORY_FILE)
+
+
+def load_history(checkpointer: Checkpointer, upto: int) -> dict[str, list[float]]:
+  """The logged {"step", "loss"} of earlier runs in this checkpoint directory, up to step
+  `upto` (entries past the restored checkpoint belong to work that is redone)."""
+  try:
+    with open(_history_path(checkpointer)) as f:
+      saved = json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError, OSError):
+    return {"step": [], "loss": []}
+  keep = [i for i, s in enumerate(saved.get("step", [])) if s <= upto]
+  return {k: [saved[k][i] for i in keep] for k in ("step", "loss")}
+
+
+def _save_history(checkpointer: Checkpointer, history: dict[str, list[float]]) -> None:
+  """Writes the history atomically (temp file + rename), from process 0 only."""
+  if jax.process_index() != 0:
+    return
+  path = _history_path(checkpointer)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(history, f)
+  os.replace(tmp, path)
 
 
 @flax.struct.dataclass
@@ -52,17 +84,21 @@ def run(train_step: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
     checkpointer: saves every `checkpointer.save_interval_steps` and at the end.
 
   Returns:
-    (final state, history) with history["step"], history["loss"] sampled every `log_every`.
+    (final state, history) with history["step"], history["loss"] sampled every `log_every`,
+    for the whole run: with a checkpointer the history is saved next to the checkpoints
+    (`HISTORY_FILE`) whenever a checkpoint is, and a resumed run starts from the saved
+    entries up to its restored step.
   """
   start = 0
+  history: dict[str, list[float]] = {"step": [], "loss": []}
   if checkpointer is not None and checkpointer.latest_step() is not None:
     start = int(checkpointer.latest_step())
     state = checkpointer.restore(start, target=state)
+    history = load_history(checkpointer, start)
     if jax.process_index() == 0:
       # One machine-readable line so logs (and tests) show where a restarted run picked up.
       print(f"{desc}: resuming from step {start} of {num_steps} ({checkpointer.directory})",
             flush=True)
-  history: dict[str, list[float]] = {"step": [], "loss": []}
   if start >= num_steps:
     return state, history
   bar = progress.host_bar(total=num_steps, initial=start, desc=desc, unit="step")
@@ -75,8 +111,8 @@ def run(train_step: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
       history["loss"].append(loss)
       bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
     bar.update(1)
-    if checkpointer is not None:
-      checkpointer.save(done, state, force=(done == num_steps))
+    if checkpointer is not None and checkpointer.save(done, state, force=(done == num_steps)):
+      _save_history(checkpointer, history)
   bar.close()
   if checkpointer is not None:
     checkpointer.wait()

@@ -181,9 +181,10 @@ def test_train_sdm_killed_and_restarted_matches_uninterrupted(tmp_path, env):
   assert resumed["steps"] == full["steps"] == num_steps
   assert resumed["final_loss"] == full["final_loss"]
   assert resumed["fid"] == full["fid"]  # same EMA parameters -> same generated spectra
-  # The restart logged only the steps it trained itself.
-  assert resumed["loss_history"]["step"][-1] == num_steps
-  assert resumed["loss_history"]["step"][0] > 100
+  # The restart's loss history covers the whole run: the killed process's part is read
+  # back from the checkpoint directory, so it equals the uninterrupted run's.
+  assert resumed["loss_history"] == full["loss_history"]
+  assert resumed["loss_history"]["step"][0] == 100
 
 
 # ----------------------------------------------------------------------------- SCDM

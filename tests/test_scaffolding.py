@@ -56,13 +56,34 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
   full, hist = trainloop.run(step, init, batch_fn, num_steps=12, key=key, log_every=4)
   assert hist["step"] == [4, 8, 12]
   with Checkpointer(tmp_path / "ck", save_interval_steps=5) as ck:
-    trainloop.run(step, init, batch_fn, num_steps=7, key=key, checkpointer=ck)
+    trainloop.run(step, init, batch_fn, num_steps=7, key=key, checkpointer=ck, log_every=4)
     assert ck.latest_step() == 7
   # A new process would start again from `init` and pick up step 7 from disk.
   with Checkpointer(tmp_path / "ck", save_interval_steps=5) as ck:
-    resumed, _ = trainloop.run(step, init, batch_fn, num_steps=12, key=key, checkpointer=ck)
+    resumed, rhist = trainloop.run(step, init, batch_fn, num_steps=12, key=key,
+                                   checkpointer=ck, log_every=4)
   np.testing.assert_array_equal(np.asarray(resumed[0]), np.asarray(full[0]))
   assert not np.allclose(np.asarray(full[0]), 0.0)
+  # The history covers the whole run: step 4 comes from the first process (saved next to
+  # the checkpoints), 7 is the first run's last step, 8 and 12 from the resumed one.
+  assert rhist["step"] == [4, 7, 8, 12]
+  full_loss = dict(zip(hist["step"], hist["loss"]))
+  assert [l for s_, l in zip(rhist["step"], rhist["loss"]) if s_ != 7] == \
+      [full_loss[4], full_loss[8], full_loss[12]]
+
+
+def test_history_past_the_restored_checkpoint_is_dropped(tmp_path):
+  step, init, batch_fn = _toy_problem()
+  key = jax.random.key(0)
+  with Checkpointer(tmp_path / "ck", save_interval_steps=3) as ck:
+    trainloop.run(step, init, batch_fn, num_steps=6, key=key, checkpointer=ck, log_every=1)
+    # As if the process died after logging steps 7-8 but before their checkpoint landed.
+    saved = trainloop.load_history(ck, upto=10**9)
+    assert saved["step"] == [1, 2, 3, 4, 5, 6]
+    assert trainloop.load_history(ck, upto=4)["step"] == [1, 2, 3, 4]
+  (tmp_path / "ck" / trainloop.HISTORY_FILE).write_text("{not json")
+  with Checkpointer(tmp_path / "ck", save_interval_steps=3) as ck:
+    assert trainloop.load_history(ck, upto=6) == {"step": [], "loss": []}
 
 
 def test_write_json_is_atomic_and_converts_arrays(tmp_path):
