@@ -46,11 +46,16 @@ Definitions and conventions
                  |Q(F_l, Z_k) - Q(Y_l, Zlr_k)|, Z the HR-MSI (H, W, b) and Zlr = Z averaged over
                  non-overlapping `ratio` x `ratio` blocks (the LR grid of Y).
   qnr            (1 - d_lambda)(1 - d_s) (alpha = beta = 1).
-                 For the three no-reference indices Q is the GLOBAL Q of two whole bands (one
-                 window = the whole image, same L * CS conventions as `uiqi`), not Alparone's
-                 block-averaged Q: it is one Gram matrix of means/variances/covariances for all
-                 band pairs at once, cheap for hundreds of bands, and it makes D = 0 exactly
-                 when the fused image is the nearest-neighbour upsample of Y (and Z matches).
+                 For the three no-reference indices Q is averaged over non-overlapping blocks
+                 (Alparone et al. 2008; the pansharpening toolbox's S = 32): `block` x `block`
+                 pixels on the HR images, `block / ratio` on the LR ones, so the two grids
+                 cover the same ground (ratio = HR size / LR size). Per block it is the Q of
+                 the block's pixels (same L * CS conventions as `uiqi`), all band pairs at
+                 once from one Gram matrix per block. Images are cropped to whole blocks;
+                 an LR side shorter than block / ratio shrinks the block to that side.
+                 block=None is the global Q of two whole bands (the earlier definition). D = 0
+                 exactly when the fused image is the nearest-neighbour upsample of Y (and Z
+                 matches), with or without blocks.
   spectral_fid   ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between Gaussians fitted to
                  real (N, B) and generated (M, B) spectra (unbiased covariances, raw spectra as
                  features). JAX: S1 S2 has the same eigenvalues as the symmetric PSD matrix
@@ -67,6 +72,7 @@ import numpy as np
 from jax import lax
 
 UIQI_WINDOW = 32
+QNR_BLOCK = 32  # HR block side of the no-reference Q (Alparone et al. 2008; toolbox S)
 SSIM_SIZE = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
@@ -271,17 +277,51 @@ def all_metrics(x_ref, x, ratio: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------ no reference
 
 
-@jax.jit
-def d_lambda(x_fused, y_lr) -> jax.Array:
-  """Spectral distortion: mean over band pairs l != r of |Q(F_l, F_r) - Q(Y_l, Y_r)|."""
-  f, y = _image(x_fused, "x_fused"), _image(y_lr, "y_lr")
+def _lr_block(h_lr: int, w_lr: int, block: int | None, ratio: int) -> int | None:
+  """LR block side for an HR block of `block` pixels (None: one block = the whole image)."""
+  if block is None:
+    return None
+  if int(block) != block or block < 1:
+    raise ValueError(f"block must be a positive int (32 as in the QNR toolbox) or None for "
+                     f"the global Q, got {block}")
+  return max(1, min(int(block) // ratio, h_lr, w_lr))
+
+
+def _block_pairwise_q(a, b, side: int | None):
+  """Mean over non-overlapping side x side blocks of the per-block Q between every band of
+  a (H, W, P) and every band of b (H, W, R) -> (P, R); side None: the global Q."""
+  if side is None:
+    return _pairwise_q(a.reshape(-1, a.shape[2]), b.reshape(-1, b.shape[2]))
+  def blocks(x):
+    h, w, c = (x.shape[0] // side) * side, (x.shape[1] // side) * side, x.shape[2]
+    x = x[:h, :w].reshape(h // side, side, w // side, side, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape(-1, side * side, c)
+  return jnp.mean(jax.vmap(_pairwise_q)(blocks(a), blocks(b)), axis=0)
+
+
+def _check_dl(f, y):
   if f.shape[2] != y.shape[2] or f.shape[2] < 2:
     raise ValueError(
         f"x_fused {f.shape} and y_lr {y.shape} need the same band count, at least 2; pass the "
         "fused HSI and the LR-HSI it was made from")
+  r = f.shape[0] // y.shape[0]
+  if r < 1 or f.shape[:2] != (y.shape[0] * r, y.shape[1] * r):
+    raise ValueError(
+        f"x_fused {f.shape[:2]} must be y_lr {y.shape[:2]} times an integer ratio; crop the "
+        "fused image to ratio x the LR size")
+  return r
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def d_lambda(x_fused, y_lr, block: int | None = QNR_BLOCK) -> jax.Array:
+  """Spectral distortion: mean over band pairs l != r of |Q(F_l, F_r) - Q(Y_l, Y_r)|, Q
+  block-averaged (`block` HR pixels, block / ratio LR; None: global)."""
+  f, y = _image(x_fused, "x_fused"), _image(y_lr, "y_lr")
+  r = _check_dl(f, y)
+  side = _lr_block(y.shape[0], y.shape[1], block, r)
   bands = f.shape[2]
-  f, y = f.reshape(-1, bands), y.reshape(-1, bands)
-  diff = jnp.abs(_pairwise_q(f, f) - _pairwise_q(y, y))
+  diff = jnp.abs(_block_pairwise_q(f, f, None if side is None else side * r)
+                 - _block_pairwise_q(y, y, side))
   off = ~np.eye(bands, dtype=bool)
   return jnp.sum(jnp.where(off, diff, 0.0)) / (bands * (bands - 1))
 
@@ -300,35 +340,38 @@ def _check_ds(f, z, y, ratio):
         "bands); check the ratio")
 
 
-@functools.partial(jax.jit, static_argnames=("ratio",))
-def d_s(x_fused, z_msi, y_lr, ratio: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("ratio", "block"))
+def d_s(x_fused, z_msi, y_lr, ratio: int, block: int | None = QNR_BLOCK) -> jax.Array:
   """Spatial distortion: mean over HSI bands l, MSI bands k of |Q(F_l, Z_k) - Q(Y_l, Zlr_k)|,
-  Zlr = Z block-averaged over ratio x ratio blocks."""
+  Zlr = Z block-averaged over ratio x ratio blocks; Q block-averaged as in `d_lambda`."""
   f, z, y = _image(x_fused, "x_fused"), _image(z_msi, "z_msi"), _image(y_lr, "y_lr")
   _check_ds(f, z, y, ratio)
   r = int(ratio)
   h, w, nb = z.shape
   z_lr = z.reshape(h // r, r, w // r, r, nb).mean((1, 3))
-  q_hr = _pairwise_q(f.reshape(-1, f.shape[2]), z.reshape(-1, nb))
-  q_lr = _pairwise_q(y.reshape(-1, y.shape[2]), z_lr.reshape(-1, nb))
+  side = _lr_block(h // r, w // r, block, r)
+  q_hr = _block_pairwise_q(f, z, None if side is None else side * r)
+  q_lr = _block_pairwise_q(y, z_lr, side)
   return jnp.mean(jnp.abs(q_hr - q_lr))
 
 
-@functools.partial(jax.jit, static_argnames=("ratio",))
-def qnr(x_fused, z_msi, y_lr, ratio: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("ratio", "block"))
+def qnr(x_fused, z_msi, y_lr, ratio: int, block: int | None = QNR_BLOCK) -> jax.Array:
   """QNR = (1 - D_lambda) * (1 - D_s) (alpha = beta = 1)."""
-  return (1.0 - d_lambda(x_fused, y_lr)) * (1.0 - d_s(x_fused, z_msi, y_lr, ratio))
+  return (1.0 - d_lambda(x_fused, y_lr, block)) * \
+      (1.0 - d_s(x_fused, z_msi, y_lr, ratio, block))
 
 
-@functools.partial(jax.jit, static_argnames=("ratio",))
-def _no_reference(x_fused, z_msi, y_lr, ratio):
-  dl, ds = d_lambda(x_fused, y_lr), d_s(x_fused, z_msi, y_lr, ratio)
+@functools.partial(jax.jit, static_argnames=("ratio", "block"))
+def _no_reference(x_fused, z_msi, y_lr, ratio, block):
+  dl, ds = d_lambda(x_fused, y_lr, block), d_s(x_fused, z_msi, y_lr, ratio, block)
   return {"d_lambda": dl, "d_s": ds, "qnr": (1.0 - dl) * (1.0 - ds)}
 
 
-def no_reference_metrics(x_fused, z_msi, y_lr, ratio: int) -> dict[str, float]:
-  """{d_lambda, d_s, qnr} as floats."""
-  vals = _no_reference(x_fused, z_msi, y_lr, ratio)
+def no_reference_metrics(x_fused, z_msi, y_lr, ratio: int,
+                         block: int | None = QNR_BLOCK) -> dict[str, float]:
+  """{d_lambda, d_s, qnr} as floats (Q averaged over `block` x `block` HR blocks)."""
+  vals = _no_reference(x_fused, z_msi, y_lr, ratio, block)
   return {k: float(vals[k]) for k in ("d_lambda", "d_s", "qnr")}
 
 

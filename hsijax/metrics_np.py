@@ -190,16 +190,44 @@ def all_metrics(x_ref, x, ratio: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------ no reference
 
 
-def d_lambda(x_fused, y_lr) -> float:
-  """Spectral distortion: mean over band pairs l != r of |Q(F_l, F_r) - Q(Y_l, Y_r)|."""
+QNR_BLOCK = 32
+
+
+def _block_q(a: np.ndarray, b: np.ndarray, side: int | None) -> np.ndarray:
+  """Mean of the per-block global Q over non-overlapping side x side blocks (loops over the
+  blocks; an independent twin of the JAX reshape), (H, W, P) x (H, W, R) -> (P, R)."""
+  if side is None:
+    return _pairwise_q(a.reshape(-1, a.shape[2]), b.reshape(-1, b.shape[2]))
+  qs = []
+  for i in range(0, a.shape[0] - side + 1, side):
+    for j in range(0, a.shape[1] - side + 1, side):
+      qs.append(_pairwise_q(a[i:i + side, j:j + side].reshape(-1, a.shape[2]),
+                            b[i:i + side, j:j + side].reshape(-1, b.shape[2])))
+  return np.mean(qs, axis=0)
+
+
+def _sides(h_lr: int, w_lr: int, block: int | None, ratio: int):
+  """(HR block side, LR block side); (None, None) for the global Q."""
+  if block is None:
+    return None, None
+  if int(block) != block or block < 1:
+    raise ValueError(f"block must be a positive int or None, got {block}")
+  lr = max(1, min(int(block) // ratio, h_lr, w_lr))
+  return lr * ratio, lr
+
+
+def d_lambda(x_fused, y_lr, block: int | None = QNR_BLOCK) -> float:
+  """Spectral distortion: mean over band pairs l != r of |Q(F_l, F_r) - Q(Y_l, Y_r)|, Q
+  averaged over `block` (HR) / block / ratio (LR) blocks, or global with block=None."""
   f, y = _image(x_fused, "x_fused"), _image(y_lr, "y_lr")
   if f.shape[2] != y.shape[2] or f.shape[2] < 2:
     raise ValueError(
         f"x_fused {f.shape} and y_lr {y.shape} need the same band count, at least 2; pass the "
         "fused HSI and the LR-HSI it was made from")
   bands = f.shape[2]
-  qf = _pairwise_q(f.reshape(-1, bands), f.reshape(-1, bands))
-  qy = _pairwise_q(y.reshape(-1, bands), y.reshape(-1, bands))
+  hr, lr = _sides(y.shape[0], y.shape[1], block, f.shape[0] // y.shape[0])
+  qf = _block_q(f, f, hr)
+  qy = _block_q(y, y, lr)
   off = ~np.eye(bands, dtype=bool)
   return float(np.abs(qf - qy)[off].mean())
 
@@ -218,27 +246,30 @@ def _check_ds(f, z, y, ratio):
         "bands); check the ratio")
 
 
-def d_s(x_fused, z_msi, y_lr, ratio: int) -> float:
+def d_s(x_fused, z_msi, y_lr, ratio: int, block: int | None = QNR_BLOCK) -> float:
   """Spatial distortion: mean over HSI bands l, MSI bands k of |Q(F_l, Z_k) - Q(Y_l, Zlr_k)|,
-  Zlr = Z block-averaged by `ratio`."""
+  Zlr = Z block-averaged by `ratio`; Q block-averaged as in `d_lambda`."""
   f, z, y = _image(x_fused, "x_fused"), _image(z_msi, "z_msi"), _image(y_lr, "y_lr")
   _check_ds(f, z, y, ratio)
   ratio = int(ratio)
   h, w, nb = z.shape
   z_lr = z.reshape(h // ratio, ratio, w // ratio, ratio, nb).mean((1, 3))
-  qh = _pairwise_q(f.reshape(-1, f.shape[2]), z.reshape(-1, nb))
-  ql = _pairwise_q(y.reshape(-1, y.shape[2]), z_lr.reshape(-1, nb))
+  hr, lr = _sides(h // ratio, w // ratio, block, ratio)
+  qh = _block_q(f, z, hr)
+  ql = _block_q(y, z_lr, lr)
   return float(np.abs(qh - ql).mean())
 
 
-def qnr(x_fused, z_msi, y_lr, ratio: int) -> float:
+def qnr(x_fused, z_msi, y_lr, ratio: int, block: int | None = QNR_BLOCK) -> float:
   """QNR = (1 - D_lambda) * (1 - D_s) (alpha = beta = 1)."""
-  return (1.0 - d_lambda(x_fused, y_lr)) * (1.0 - d_s(x_fused, z_msi, y_lr, ratio))
+  return (1.0 - d_lambda(x_fused, y_lr, block)) * \
+      (1.0 - d_s(x_fused, z_msi, y_lr, ratio, block))
 
 
-def no_reference_metrics(x_fused, z_msi, y_lr, ratio: int) -> dict[str, float]:
+def no_reference_metrics(x_fused, z_msi, y_lr, ratio: int,
+                         block: int | None = QNR_BLOCK) -> dict[str, float]:
   """{d_lambda, d_s, qnr} as floats."""
-  dl, ds = d_lambda(x_fused, y_lr), d_s(x_fused, z_msi, y_lr, ratio)
+  dl, ds = d_lambda(x_fused, y_lr, block), d_s(x_fused, z_msi, y_lr, ratio, block)
   return {"d_lambda": dl, "d_s": ds, "qnr": (1.0 - dl) * (1.0 - ds)}
 
 

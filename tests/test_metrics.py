@@ -272,6 +272,31 @@ def test_no_reference_hand_example(m):
   assert nr["d_s"] == pytest.approx(want_ds, rel=1e-5)
 
 
+def test_no_reference_zero_when_consistent_over_several_blocks(m):
+  rng = np.random.default_rng(9)
+  y = rng.uniform(0.1, 1, (16, 12, 4))
+  fused = _nn_up(y, 4)                                 # 64 x 48: 2 x 1 blocks of 32
+  z = fused @ rng.uniform(size=(4, 2))
+  for block in (32, 16, 8, None):
+    assert _f(m.d_lambda(fused, y, block=block)) == pytest.approx(0.0, abs=1e-5)
+    assert _f(m.d_s(fused, z, y, 4, block=block)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_no_reference_q_is_the_mean_over_blocks(m):
+  # With identical LR bands Q(Y_l, Y_r) = 1 in every block, so D_lambda = mean over pairs of
+  # (1 - mean over blocks of Q_b(F_l, F_r)): the mean over blocks of the single-block
+  # D_lambda of each block (block=None on the block itself). Blocks: 6 x 6 HR, 3 x 3 LR.
+  rng = np.random.default_rng(10)
+  y = np.repeat(rng.uniform(0.2, 1, (6, 9, 1)), 3, axis=-1)
+  f = _nn_up(y, 2) + 0.2 * rng.uniform(size=(12, 18, 3))
+  per_block = [_f(m.d_lambda(f[i:i + 6, j:j + 6], y[i // 2:i // 2 + 3, j // 2:j // 2 + 3],
+                             block=None))
+               for i in (0, 6) for j in (0, 6, 12)]
+  got = _f(m.d_lambda(f, y, block=6))
+  assert got == pytest.approx(float(np.mean(per_block)), rel=1e-5)
+  assert abs(got - _f(m.d_lambda(f, y, block=None))) > 1e-3  # blocks change the value
+
+
 def test_no_reference_bad_shapes(m):
   f, y, z = np.ones((8, 8, 3)), np.ones((2, 2, 3)), np.ones((8, 8, 2))
   with pytest.raises(ValueError, match="ratio"):
@@ -336,7 +361,7 @@ def _random_case():
 
 @pytest.mark.parametrize("name", [
     "psnr", "psnr_per_band", "sam", "sam_rad", "rmse", "ergas", "uiqi", "uiqi8", "ssim",
-    "d_lambda", "d_s", "qnr", "spectral_fid"])
+    "d_lambda", "d_s", "qnr", "d_lambda_b8", "d_s_b8", "qnr_global", "spectral_fid"])
 def test_jax_matches_numpy(name):
   x_ref, x, y, z, real, gen = _random_case()
   calls = {
@@ -352,6 +377,10 @@ def test_jax_matches_numpy(name):
       "d_lambda": lambda mod: mod.d_lambda(x, y),
       "d_s": lambda mod: mod.d_s(x, z, y, 4),
       "qnr": lambda mod: mod.qnr(x, z, y, 4),
+      # 8 HR / 2 LR pixel blocks: 20 blocks, the last LR row / column cropped.
+      "d_lambda_b8": lambda mod: mod.d_lambda(x, y, block=8),
+      "d_s_b8": lambda mod: mod.d_s(x, z, y, 4, block=8),
+      "qnr_global": lambda mod: mod.qnr(x, z, y, 4, block=None),
       "spectral_fid": lambda mod: mod.spectral_fid(real, gen),
   }
   got, want = np.asarray(calls[name](mj)), np.asarray(calls[name](mn))
