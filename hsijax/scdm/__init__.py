@@ -15,8 +15,8 @@ from hsijax.scdm.cascade import (HOUSTON_RGB_BANDS, NORMALISERS, PAPER_STAGE_COU
                                  stage_counts)
 from hsijax.scdm.sampler import (SAMPLERS, SamplerSettings, as_settings, cascade_num_steps,
                                  guided_eps, icmg, make_cascade_sampler, make_sampler,
-                                 pdt_clamp_eps, pdt_clamp_x, pdt_percentile,
-                                 per_sample_quantile, sampler_step)
+                                 order_statistics, pdt_clamp_eps, pdt_clamp_x,
+                                 pdt_percentile, per_sample_quantile, sampler_step)
 from hsijax.scdm.train import (TrainState, compute_loss, cosine_similarity, drop_condition,
                                ema_update, fit, init_train_state, loss_terms, make_optimizer,
                                make_train_step, random_crops, scdm_loss)
