@@ -15,7 +15,7 @@ import flax
 import jax
 import numpy as np
 
-from hsijax import progress
+from hsijax import fileio, progress
 from hsijax.checkpoint import Checkpointer
 
 
@@ -42,11 +42,7 @@ def _save_history(checkpointer: Checkpointer, history: dict[str, list[float]]) -
   """Writes the history atomically (temp file + rename), from process 0 only."""
   if jax.process_index() != 0:
     return
-  path = _history_path(checkpointer)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(history, f)
-  os.replace(tmp, path)
+  fileio.atomic_write(_history_path(checkpointer), lambda f: json.dump(history, f))
 
 
 @flax.struct.dataclass

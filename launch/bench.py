@@ -666,20 +666,6 @@ def format_markdown(record: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _write_text(path: str, text: str) -> None:
-  """Atomic text write (temp file in the same folder, then os.replace)."""
-  import tempfile
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def run(config, workdir) -> dict[str, Any]:
   """Runs every configured workload; returns (and writes) the bench.json record."""
   use_torch = torch_ready(config)
@@ -737,8 +723,7 @@ def main(argv):
   workdir = common.setup(_WORKDIR.value)
   record = run(config, str(workdir))
   common.log(format_table(record))
-  if jax.process_index() == 0:
-    _write_text(str(workdir / "bench.md"), format_markdown(record) + "\n")
+  common.write_text(workdir / "bench.md", format_markdown(record) + "\n")
   for name, t in record["targets"].items():
     for kind, v in t.items():
       common.log(f"target {name} {kind}: {v['value']:.3f} (target "

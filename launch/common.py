@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 from absl import logging as absl_logging
 
 from hsijax import sharding
+from hsijax.fileio import atomic_write as _atomic_write
 
 
 def setup(workdir: str | os.PathLike | None) -> pathlib.Path:
@@ -57,27 +57,19 @@ def to_builtin(obj: Any) -> Any:
   return obj
 
 
-def _atomic_write(path: str | os.PathLike, write_fn, mode: str = "w") -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as f:
-      write_fn(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
   """Writes `obj` as indented JSON atomically (temp file, then rename); process 0 only."""
   if jax.process_index() != 0:
     return pathlib.Path(path)
   text = json.dumps(to_builtin(obj), indent=2, sort_keys=False, allow_nan=False)
   return _atomic_write(path, lambda f: f.write(text + "\n"))
+
+
+def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
+  """Writes `text` atomically (temp file, then rename); process 0 only."""
+  if jax.process_index() != 0:
+    return pathlib.Path(path)
+  return _atomic_write(path, lambda f: f.write(text))
 
 
 def save_npz(path: str | os.PathLike, **arrays: Any) -> pathlib.Path:

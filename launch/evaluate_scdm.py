@@ -30,7 +30,6 @@ per-pixel error) and DIR/band_psnr.png.
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import time
 from typing import Any
@@ -184,7 +183,7 @@ def run(cfg, workdir) -> dict[str, Any]:
   common.save_npz(workdir / "samples.npz", reference=test, rgb=rgb_test,
                   **{name.replace(" ", "_").replace("/", "_").replace("+", "plus"): x
                      for name, x in outputs.items()})
-  write_text(workdir / "results.md", table)
+  common.write_text(workdir / "results.md", table)
   bands = sample_scdm.display_bands(metas["cascade"])
   common.save_figure(sample_scdm.figure(outputs, bands, test,
                                         title="SCDM evaluation (held-out quadrant)"),
@@ -193,15 +192,6 @@ def run(cfg, workdir) -> dict[str, Any]:
   common.log("\n" + table + f"\ntotal {seconds['total']:.0f} s (training "
              f"{seconds['training']:.0f} s, sampling {seconds['sampling']:.0f} s)")
   return out
-
-
-def write_text(path: pathlib.Path, text: str) -> None:
-  """Atomic text write on process 0 (temp file, then rename)."""
-  if jax.process_index() != 0:
-    return
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def cfg_without_stages(cfg) -> dict[str, Any]:
