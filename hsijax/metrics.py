@@ -277,14 +277,16 @@ def all_metrics(x_ref, x, ratio: float) -> dict[str, float]:
 # ------------------------------------------------------------------------------ no reference
 
 
-def _lr_block(h_lr: int, w_lr: int, block: int | None, ratio: int) -> int | None:
-  """LR block side for an HR block of `block` pixels (None: one block = the whole image)."""
+def _block_sides(h_lr: int, w_lr: int, block: int | None,
+                 ratio: int) -> tuple[int | None, int | None]:
+  """(HR, LR) block sides for HR blocks of `block` pixels; (None, None): global Q."""
   if block is None:
-    return None
+    return None, None
   if int(block) != block or block < 1:
     raise ValueError(f"block must be a positive int (32 as in the QNR toolbox) or None for "
                      f"the global Q, got {block}")
-  return max(1, min(int(block) // ratio, h_lr, w_lr))
+  lr = max(1, min(int(block) // ratio, h_lr, w_lr))
+  return lr * ratio, lr
 
 
 def _block_pairwise_q(a, b, side: int | None):
@@ -299,16 +301,17 @@ def _block_pairwise_q(a, b, side: int | None):
   return jnp.mean(jax.vmap(_pairwise_q)(blocks(a), blocks(b)), axis=0)
 
 
-def _check_dl(f, y):
+def _check_dl(f, y, block):
+  """Band check; with blocks also the integer HR / LR ratio, which is returned."""
   if f.shape[2] != y.shape[2] or f.shape[2] < 2:
     raise ValueError(
         f"x_fused {f.shape} and y_lr {y.shape} need the same band count, at least 2; pass the "
         "fused HSI and the LR-HSI it was made from")
   r = f.shape[0] // y.shape[0]
-  if r < 1 or f.shape[:2] != (y.shape[0] * r, y.shape[1] * r):
+  if block is not None and (r < 1 or f.shape[:2] != (y.shape[0] * r, y.shape[1] * r)):
     raise ValueError(
-        f"x_fused {f.shape[:2]} must be y_lr {y.shape[:2]} times an integer ratio; crop the "
-        "fused image to ratio x the LR size")
+        f"x_fused {f.shape[:2]} must be y_lr {y.shape[:2]} times an integer ratio for "
+        "block-averaged Q; crop the fused image to ratio x the LR size (or pass block=None)")
   return r
 
 
@@ -317,11 +320,9 @@ def d_lambda(x_fused, y_lr, block: int | None = QNR_BLOCK) -> jax.Array:
   """Spectral distortion: mean over band pairs l != r of |Q(F_l, F_r) - Q(Y_l, Y_r)|, Q
   block-averaged (`block` HR pixels, block / ratio LR; None: global)."""
   f, y = _image(x_fused, "x_fused"), _image(y_lr, "y_lr")
-  r = _check_dl(f, y)
-  side = _lr_block(y.shape[0], y.shape[1], block, r)
+  hr, lr = _block_sides(y.shape[0], y.shape[1], block, _check_dl(f, y, block))
   bands = f.shape[2]
-  diff = jnp.abs(_block_pairwise_q(f, f, None if side is None else side * r)
-                 - _block_pairwise_q(y, y, side))
+  diff = jnp.abs(_block_pairwise_q(f, f, hr) - _block_pairwise_q(y, y, lr))
   off = ~np.eye(bands, dtype=bool)
   return jnp.sum(jnp.where(off, diff, 0.0)) / (bands * (bands - 1))
 
@@ -349,9 +350,9 @@ def d_s(x_fused, z_msi, y_lr, ratio: int, block: int | None = QNR_BLOCK) -> jax.
   r = int(ratio)
   h, w, nb = z.shape
   z_lr = z.reshape(h // r, r, w // r, r, nb).mean((1, 3))
-  side = _lr_block(h // r, w // r, block, r)
-  q_hr = _block_pairwise_q(f, z, None if side is None else side * r)
-  q_lr = _block_pairwise_q(y, z_lr, side)
+  hr, lr = _block_sides(h // r, w // r, block, r)
+  q_hr = _block_pairwise_q(f, z, hr)
+  q_lr = _block_pairwise_q(y, z_lr, lr)
   return jnp.mean(jnp.abs(q_hr - q_lr))
 
 

@@ -225,7 +225,11 @@ def d_lambda(x_fused, y_lr, block: int | None = QNR_BLOCK) -> float:
         f"x_fused {f.shape} and y_lr {y.shape} need the same band count, at least 2; pass the "
         "fused HSI and the LR-HSI it was made from")
   bands = f.shape[2]
-  hr, lr = _sides(y.shape[0], y.shape[1], block, f.shape[0] // y.shape[0])
+  r = f.shape[0] // y.shape[0]
+  if block is not None and (r < 1 or f.shape[:2] != (y.shape[0] * r, y.shape[1] * r)):
+    raise ValueError(f"x_fused {f.shape[:2]} must be y_lr {y.shape[:2]} times an integer "
+                     "ratio for block-averaged Q; crop it (or pass block=None)")
+  hr, lr = _sides(y.shape[0], y.shape[1], block, r)
   qf = _block_q(f, f, hr)
   qy = _block_q(y, y, lr)
   off = ~np.eye(bands, dtype=bool)

@@ -305,6 +305,12 @@ def test_no_reference_bad_shapes(m):
     m.d_s(f, z, np.ones((4, 4, 3)), 4)
   with pytest.raises(ValueError, match="band"):
     m.d_lambda(f, np.ones((2, 2, 4)))
+  # Block-averaged Q needs an integer HR / LR ratio; the global Q does not.
+  with pytest.raises(ValueError, match="integer"):
+    m.d_lambda(np.random.default_rng(0).uniform(size=(10, 10, 3)), f[:3, :3])
+  assert np.isfinite(_f(m.d_lambda(np.random.default_rng(0).uniform(size=(10, 10, 3)),
+                                   np.random.default_rng(1).uniform(size=(3, 3, 3)),
+                                   block=None)))
 
 
 # ------------------------------------------------------------------------------------- FID
