@@ -17,7 +17,8 @@ Workloads (`workloads` is a comma-separated subset of these names):
                        sdp.steps = (n1, n2) outer steps; per step = (t(n2) - t(n1)) / (n2 - n1).
   scdm_<u>[_icmg]      one SCDM sampler step of U-Net <u> ("tiny" / "paper" / in the cpu
                        preset also "paper256"), without or with ICMG (conditional +
-                       unconditional prediction as one 2N batch), PDT on; timed like the
+                       unconditional prediction from one call that runs the noisy
+                       stream's encoder once, as in `scdm.sampler`), PDT on; timed like the
                        solver, the library sampler over scdm.steps = (n1, n2) steps
                        (scdm.unet_steps[<u>] when given).
   sample_<u>_<m>       full sampling with method m ("ddim": `sampling.ddim_steps` steps, "ddpm":

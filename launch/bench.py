@@ -425,7 +425,8 @@ def _nchw(a: np.ndarray):
 
 def bench_scdm_step(config, unet: str, icmg: bool, peaks: dict,
                     use_torch: bool) -> dict[str, Any]:
-  """One SCDM DDPM sampler step (U-Net forward, ICMG as a 2N batch when on, PDT, update)."""
+  """One SCDM DDPM sampler step (U-Net forward; with ICMG the conditional and
+  zero-condition predictions from one with_uncond call; PDT; update)."""
   c = config.scdm
   model, params, cond = _scdm_setup(config, unet)
   n1, n2 = (int(v) for v in c.get("unet_steps", {}).get(unet, c.steps))
@@ -435,19 +436,20 @@ def bench_scdm_step(config, unet: str, icmg: bool, peaks: dict,
   sample = build(n1)
   key = jax.random.PRNGKey(config.seed)
   cond_j = jnp.asarray(cond)
-  nb = cond.shape[0] * (2 if icmg else 1)
+  nb = cond.shape[0]
   size = cond.shape[1]
   xb = jnp.zeros((nb, size, size, c.out_channels), jnp.float32)
   cb = jnp.zeros((nb, size, size, c.cond_channels), jnp.float32)
   tb = jnp.zeros((nb,), jnp.int32)
-  fwd = lambda p, x, cc, t: model.apply(p, x, cc, t)
+  fwd = lambda p, x, cc, t: model.apply(p, x, cc, t, with_uncond=icmg)
   fwd_c, _, _ = bm.compile_fn(fwd, params, xb, cb, tb)
   flops = {"analytic": bm.jaxpr_flops(fwd, params, xb, cb, tb),
-           "analytic_note": "dense FLOPs of one U-Net forward on the (2N if ICMG) batch, "
-                            "counted from its jaxpr shapes",
+           "analytic_note": "dense FLOPs of the step's U-Net call (with ICMG: both "
+                            "predictions, noisy-stream encoder shared), counted from its "
+                            "jaxpr shapes",
            "jaxpr": bm.jaxpr_flops(sample, params["params"], cond_j, key) / n1,
            "xla": bm.xla_flops(fwd_c),
-           "xla_note": "XLA cost analysis of one U-Net forward on the same batch"}
+           "xla_note": "XLA cost analysis of the same U-Net call"}
   torch_fn = None
   if use_torch:
     import torch
@@ -464,7 +466,9 @@ def bench_scdm_step(config, unet: str, icmg: bool, peaks: dict,
   from hsijax.scdm.unet import count_params
   shape = {"N": int(cond.shape[0]), "H": size, "W": size, "C_out": c.out_channels,
            "C_cond": c.cond_channels, "base": u.base, "channel_mults": list(u.channel_mults),
-           "icmg": icmg, "unet_batch": nb, "params": count_params(params),
+           "icmg": icmg, "params": count_params(params),
+           # batch of the encoder (noisy + condition streams) and of the decoder
+           "unet_batch": [3 * nb, 2 * nb] if icmg else [2 * nb, nb],
            "pdt": c.pdt_target, "timed_steps": [n1, n2]}
   return _finish(shape, flops, jax_r, torch_r, peaks)
 

@@ -182,6 +182,34 @@ def test_shared_encoder_equals_two_calls_and_perturbation_reaches_both_streams()
   assert np.max(np.abs(out2 - only_c)) > 1e-3
 
 
+@pytest.mark.parametrize("conv_impl", ["auto", "xla"])
+def test_with_uncond_equals_separate_conditional_and_unconditional_calls(conv_impl):
+  model = CondUNet(out_channels=4, conv_impl=conv_impl, **TINY)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(3, 16, 16, 4)), jnp.float32)
+  cond = jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32)
+  t = jnp.array([3, 400, 999])
+  p = _init(model, n=3)
+  pair = model.apply({"params": p}, x, cond, t, with_uncond=True)
+  assert pair.shape == (6, 16, 16, 4)
+  eps_c = model.apply({"params": p}, x, cond, t)
+  eps_0 = model.apply({"params": p}, x, jnp.zeros_like(cond), t)
+  np.testing.assert_allclose(pair[0::2], eps_c, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(pair[1::2], eps_0, rtol=1e-4, atol=1e-5)
+  assert np.max(np.abs(eps_c - eps_0)) > 1e-3  # the two halves are not the same prediction
+  with pytest.raises(ValueError, match="with_uncond=True is for sampling"):
+    model.apply({"params": p}, x, cond, t, train=True, with_uncond=True,
+                rngs={"dropout": jax.random.key(0)})
+
+
+def test_interleave_of_k_arrays_round_trips_sample_major():
+  a, b, c = (jnp.arange(6.0).reshape(2, 3) + 10 * j for j in range(3))
+  abc = unet.interleave(a, b, c)
+  np.testing.assert_array_equal(abc[:, 0], [0, 10, 20, 3, 13, 23])
+  for got, want in zip(unet.deinterleave(abc, 3), (a, b, c)):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_init_params_matches_flax_init_structure_and_distribution():
   model = CondUNet(out_channels=4, **TINY)
   ref = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 4)),

@@ -176,7 +176,7 @@ def test_sdm_trainer_step_decreases_nothing_weird(denoiser):
 
 @pytest.mark.parametrize("method,scale,pdt", [("ddpm", 1.0, "eps"), ("ddim", 0.0, "x")])
 def test_sampler_step_matches(method, scale, pdt):
-  """One reverse step (ICMG as a 2N batch, PDT, DDPM / DDIM update) equals the library's."""
+  """One reverse step (ICMG: shared-encoder call here, a 2N batch in torch; PDT; DDPM / DDIM) equals the library's."""
   from hsijax.scdm import sampler
   from hsijax.scdm.unet import CondUNet
   from hsijax.torch_ref.scdm import CondUNet as TorchUNet, Sampler

@@ -4,7 +4,7 @@ One reverse step at schedule position i (original timestep t = sched.timesteps[i
 
   p      = pdt_percentile(t, T, p_T)                   1 at t = 0 ... p_T at t = T - 1
   x_t    = pdt_clamp_x(x_t, p)                          only for pdt_target = "x" (code)
-  eps_c, eps_0 = net(x_t | cond), net(x_t | 0)          ONE call on a (2N, ...) batch
+  eps_c, eps_0 = net(x_t | cond), net(x_t | 0)          ONE call, x_t's encoder shared
   eps    = eps_c + s (eps_c - eps_0)                    ICMG (s = 0: a single plain call)
   eps    = eps_from_v(x_t, eps)                         only for a v-prediction model
   eps    = pdt_clamp_eps(eps, p)                        only for pdt_target = "eps" (paper)
@@ -31,6 +31,7 @@ needs no cross-device traffic besides the replicated parameters.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -196,25 +197,40 @@ def pdt_clamp_x(x: jax.Array, p: jax.Array | float) -> jax.Array:
 # ----------------------------------------------------------------------------
 # One step.
 
-ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+# (params, x, cond, t, with_uncond=False) -> eps; with_uncond: (2N, ...) interleaved
+# [eps(x | cond), eps(x | 0)] per sample (see CondUNet.__call__).
+ApplyFn = Callable[..., jax.Array]
 
 
 def apply_fn_of(model: Any) -> ApplyFn:
-  """(params, x, cond, t) -> eps in eval mode for a CondUNet (or any object with .apply).
+  """(params, x, cond, t, with_uncond=False) -> eps in eval mode for a CondUNet (or any
+  object with .apply).
 
-  `params` is the "params" collection (TrainState.params / ema_params).
+  `params` is the "params" collection (TrainState.params / ema_params). A model whose
+  __call__ takes `with_uncond` (CondUNet: shares the noisy stream's encoder between the
+  two predictions) gets it passed on; any other model is called once on the interleaved
+  (2N, ...) batch (x, x), (cond, 0), (t, t).
   """
-  return lambda params, x, cond, t: model.apply({"params": params}, x, cond, t, train=False)
+  shares = "with_uncond" in inspect.signature(type(model).__call__).parameters
+
+  def apply_fn(params, x, cond, t, with_uncond=False):
+    variables = {"params": params}
+    if not with_uncond:
+      return model.apply(variables, x, cond, t, train=False)
+    if shares:
+      return model.apply(variables, x, cond, t, train=False, with_uncond=True)
+    return model.apply(variables, interleave(x, x), interleave(cond, jnp.zeros_like(cond)),
+                       interleave(t, t), train=False)
+
+  return apply_fn
 
 
 def guided_eps(apply_fn: ApplyFn, params: Any, x: jax.Array, cond: jax.Array, t: jax.Array,
                scale: float) -> jax.Array:
-  """eps for (N, H, W, C) x_t; with scale != 0 the ICMG mix from one (2N, ...) call."""
+  """eps for (N, H, W, C) x_t; with scale != 0 the ICMG mix from one with_uncond call."""
   if scale == 0.0:
     return apply_fn(params, x, cond, t)
-  eps = apply_fn(params, interleave(x, x), interleave(cond, jnp.zeros_like(cond)),
-                 interleave(t, t))
-  eps_c, eps_0 = deinterleave(eps)
+  eps_c, eps_0 = deinterleave(apply_fn(params, x, cond, t, with_uncond=True))
   return icmg(eps_c, eps_0, scale)
 
 

@@ -26,6 +26,12 @@ interleaving (sample n's streams sit at rows 2n and 2n + 1). The encoder is per-
 with the same weights, uses larger matmuls, and keeps each sample's rows together so a batch
 sharded over the mesh `data` axis stays local (no resharding, unlike concatenating the
 two streams end to end).
+
+ICMG needs eps(x_t | cond) and eps(x_t | 0). `with_uncond=True` computes both in one call:
+the encoder runs on three streams per sample (x_t, cond, zeros) instead of four, the middle
+blocks (noisy stream only) once, and only the decoder, which sees the condition skips, on
+the (cond, zeros) pair. Same result as two calls; 9% fewer FLOPs for the paper U-Net's
+guided step (124 -> 112 GFLOP at 64 x 64).
 """
 from __future__ import annotations
 
@@ -86,15 +92,16 @@ def _group_norm(channels: int, groups: int, name: str, impl: str = "auto") -> nn
   return GroupNorm(g, name=name)
 
 
-def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
-  """(N, ...) and (N, ...) -> (2N, ...) with a[n] at row 2n and b[n] at row 2n + 1."""
-  return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
+def interleave(*arrays: jax.Array) -> jax.Array:
+  """k arrays (N, ...) -> (k N, ...), sample-major: arrays[j][n] at row k n + j."""
+  k = len(arrays)
+  return jnp.stack(arrays, axis=1).reshape((k * arrays[0].shape[0],) + arrays[0].shape[1:])
 
 
-def deinterleave(ab: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Inverse of `interleave`: (2N, ...) -> rows 0, 2, 4, ... and rows 1, 3, 5, ..."""
-  pairs = ab.reshape((ab.shape[0] // 2, 2) + ab.shape[1:])
-  return pairs[:, 0], pairs[:, 1]
+def deinterleave(ab: jax.Array, k: int = 2) -> tuple[jax.Array, ...]:
+  """Inverse of `interleave` of k arrays: (k N, ...) -> k arrays (N, ...)."""
+  rows = ab.reshape((ab.shape[0] // k, k) + ab.shape[1:])
+  return tuple(rows[:, j] for j in range(k))
 
 
 CONV_IMPLS = ("auto", "xla")
@@ -433,7 +440,8 @@ class CondUNet(nn.Module):
                        f"{t.shape}.")
 
   @nn.compact
-  def __call__(self, x: jax.Array, cond: jax.Array, t: Any, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, cond: jax.Array, t: Any, train: bool = False,
+               with_uncond: bool = False) -> jax.Array:
     """Predicts the noise.
 
     Args:
@@ -442,24 +450,40 @@ class CondUNet(nn.Module):
         unconditional prediction).
       t: (N,) or scalar integer timesteps (original timesteps in [0, T)).
       train: enables dropout (needs rngs={"dropout": key}).
+      with_uncond: also predict eps(x_t | zeros) for ICMG. Returns (2N, H, W, out_channels),
+        interleaved per sample (rows 2n, 2n + 1 = eps(x_t | cond), eps(x_t | 0)): the same
+        as calling on (interleave(x, x), interleave(cond, 0), interleave(t, t)), but the
+        noisy stream's encoder and the middle blocks, which do not see the condition, run
+        once for both (3 encoder streams instead of 4).
 
     Returns:
-      (N, H, W, out_channels) predicted eps.
+      (N, H, W, out_channels) predicted eps ((2N, ...) with with_uncond).
     """
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],)) if jnp.ndim(t) == 0 else \
         jnp.asarray(t)
     self._check(x, cond, t)
+    if with_uncond and train:
+      raise ValueError("with_uncond=True is for sampling (train=False); for training with "
+                       "condition dropout pass the zeroed conditions in the batch instead.")
     temb = TimeEmbedding(self.base, name="time_embed")(t)
-    hx = Conv3x3(self.base, impl=self.conv_impl, name="conv_in")(x)
-    hc = Conv3x3(self.base, impl=self.conv_impl, name="cond_in")(cond)
+    cond_in = Conv3x3(self.base, impl=self.conv_impl, name="cond_in")
+    conds = [cond_in(cond)] + ([cond_in(jnp.zeros_like(cond))] if with_uncond else [])
+    streams = [Conv3x3(self.base, impl=self.conv_impl, name="conv_in")(x)] + conds
+    k = len(streams)
     encoder = Encoder(self.base, tuple(self.channel_mults), self.num_res_down,
                       tuple(self.attn_levels), self.dropout, self.groups, self.conv_impl,
                       name="encoder")
-    skips = encoder(interleave(hx, hc), interleave(temb, temb), train)
-    pairs = [deinterleave(s) for s in skips]
-    skips_x, skips_c = [p[0] for p in pairs], [p[1] for p in pairs]
+    skips = [deinterleave(s, k) for s in encoder(interleave(*streams), interleave(*[temb] * k),
+                                                 train)]
+    skips_x = [s[0] for s in skips]
     h = Middle(self.groups, self.dropout, self.mid_attn, self.conv_impl, name="middle")(
         skips_x[-1], temb, train)
+    if with_uncond:  # the decoder sees the condition: run it on (cond, zeros) pairs
+      h, temb = interleave(h, h), interleave(temb, temb)
+      skips_x = [interleave(s, s) for s in skips_x]
+      skips_c = [interleave(s[1], s[2]) for s in skips]
+    else:
+      skips_c = [s[1] for s in skips]
     h = Decoder(self.base, tuple(self.channel_mults), self.num_res_up,
                 tuple(self.attn_levels), self.dropout, self.groups, self.conv_impl,
                 name="decoder")(
