@@ -565,17 +565,16 @@ def sdp_train_step_flops(batch: int, num_bands: int, hidden: int = 512, num_laye
 
   With one timestep per sample the time MLP and the condition layers run per sample. The
   backward pass computes every weight gradient (as many FLOPs as the forward) and the input
-  gradient of every layer whose input depends on weights: the whole concat(h, x) input of
-  the main layers after the first (the training forward multiplies concat(h, x) by the
-  whole kernel, so autodiff also forms the x part, ~7% more FLOPs but a faster step), not
-  the embedding into time_0 or x into layer 0.
+  gradient of every layer whose input depends on weights: the h part of the main layers
+  after the first (`denoiser.concat_dot` skips the x part), not the embedding into time_0
+  or x into layer 0.
   """
   B, H, L, n = num_bands, hidden, num_layers, batch
   layers = _denoiser_layers(B, H, L)
   fwd = sum(_linear(n, hi + xi, o) for hi, xi, o in layers)
   fwd += _linear(n, time_dim, B) + _linear(n, B, B) + (L - 1) * _linear(n, B, H)
   d_w = fwd
-  d_in = sum(_linear(n, hi + xi, o) for hi, xi, o in layers if hi) + _linear(n, B, B) + \
+  d_in = sum(_linear(n, hi, o) for hi, xi, o in layers if hi) + _linear(n, B, B) + \
       (L - 1) * _linear(n, B, H)
   den = denoiser_flops(B, H, L, time_dim)
   p = _count_params(B, H, L, time_dim)

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hsijax import precision as precision_lib
+from hsijax.sdp import denoiser
 from hsijax.sdp.denoiser import SpectralDenoiser, count_params
 
 
@@ -77,6 +79,25 @@ def test_matches_concat_reference(per_pixel_t):
   out = jax.jit(model.apply)(params, x, t)
   ref = reference_forward(params["params"], x, t)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["default", "bfloat16"])
+def test_concat_dot_gradients_equal_autodiff_of_the_concatenation(precision):
+  rng = np.random.default_rng(4)
+  h, x, k, w = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                for s in [(7, 5), (7, 3), (8, 4), (7, 4)])
+  plain = lambda h, x, k: precision_lib.dot(jnp.concatenate([h, x], -1), k, precision)
+  fast = lambda h, x, k: denoiser.concat_dot(h, x, k, precision)
+  loss = lambda f: lambda h, x, k: jnp.sum(jnp.tanh(f(h, x, k)) * w)
+  np.testing.assert_allclose(fast(h, x, k), plain(h, x, k), rtol=1e-6)
+  tol = dict(rtol=1e-5, atol=1e-6) if precision == "default" else dict(rtol=2e-2, atol=2e-2)
+  # Every subset of differentiated inputs (the backward forms only the requested ones).
+  for argnums in [(0, 1, 2), (0, 2), (1,), (2,)]:
+    got = jax.jit(jax.grad(loss(fast), argnums))(h, x, k)
+    want = jax.grad(loss(plain), argnums)(h, x, k)
+    for a, b in zip(got, want, strict=True):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, **tol)
 
 
 def test_scalar_t_equals_broadcast_t():
