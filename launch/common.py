@@ -20,6 +20,10 @@ def setup(workdir: str | os.PathLike | None) -> pathlib.Path:
   sharding.initialize_distributed()
   if not workdir:
     raise ValueError("--workdir is required: pass --workdir=DIR for outputs and checkpoints")
+  if "://" in str(workdir):  # pathlib would silently turn gs://b/x into ./gs:/b/x
+    raise ValueError(
+        f"--workdir={workdir} is a URL; the entry points write to local paths only. Mount "
+        "the bucket (e.g. gcsfuse) or use a shared filesystem and pass its local path.")
   path = pathlib.Path(workdir).expanduser().resolve()
   path.mkdir(parents=True, exist_ok=True)
   absl_logging.set_verbosity(absl_logging.INFO if jax.process_index() == 0 else

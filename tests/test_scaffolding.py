@@ -1,4 +1,4 @@
-"""Progress bars from inside jit, the shared training loop's resume, atomic JSON output."""
+"""Progress bars from inside jit, the shared training loop's resume, atomic JSON output, workdirs."""
 import json
 
 import jax
@@ -101,3 +101,13 @@ def test_write_json_is_atomic_and_converts_arrays(tmp_path):
 def test_format_table_lists_every_method():
   text = common.format_table({"sdp": {"psnr": 40.0}, "baseline": {"psnr": 35.25}})
   assert "sdp" in text and "35.2500" in text
+
+
+def test_setup_rejects_url_workdirs_without_creating_anything(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="URL; the entry points write to local paths"):
+    common.setup("gs://bucket/run")
+  assert list(tmp_path.iterdir()) == []  # no ./gs:/bucket/run left behind
+  with pytest.raises(ValueError, match="--workdir is required"):
+    common.setup("")
+  assert common.setup("runs/a") == tmp_path / "runs" / "a" and (tmp_path / "runs/a").is_dir()
