@@ -285,6 +285,62 @@ def test_im2col_conv_drops_only_padding_taps():
   assert unet._conv_taps(2, 1, 2, 1, 3) == (1, 3)  # 2 -> 1 with stride 2: rows 0, 1 only
 
 
+@pytest.mark.parametrize("hw", [(2, 2), (4, 6), (10, 8)])
+def test_winograd_conv_equals_lax_conv(hw):
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(7,)), jnp.float32)
+  got = unet.winograd_conv(x, unet.winograd_kernel(kernel), bias)
+  np.testing.assert_allclose(got, _lax_conv(x, kernel, bias, 1), rtol=1e-5, atol=2e-5)
+
+
+def test_winograd_kernel_is_g_k_gt_and_odd_maps_are_refused():
+  rng = np.random.default_rng(12)
+  kernel = rng.normal(size=(3, 3, 2, 3))
+  g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+  want = np.einsum("ra,abio,sb->rsio", g, kernel, g).reshape(16, 2, 3)
+  np.testing.assert_allclose(unet.winograd_kernel(jnp.float32(kernel)), want, rtol=1e-6,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="even H and W"):
+    unet.winograd_conv(jnp.zeros((1, 5, 4, 2)), jnp.zeros((16, 2, 3)), jnp.zeros(3))
+
+
+def test_use_winograd_rule():
+  assert unet.use_winograd((1, 32, 32, 768), 256)
+  assert unet.use_winograd((2, 128, 128, 256), 256)
+  assert not unet.use_winograd((2, 64, 64, 128), 128)      # 128 outputs: slower measured
+  assert not unet.use_winograd((1, 256, 256, 256), 256)    # beyond 128 x 128
+  assert not unet.use_winograd((1, 8, 8, 256), 256)        # im2col size
+  assert not unet.use_winograd((1, 18, 15, 256), 256)      # odd width
+
+
+def test_cached_winograd_kernels_give_the_same_outputs():
+  # base 256 at 16 x 16: every stride-1 3x3 conv of the encoder and decoder runs by Winograd.
+  model = CondUNet(out_channels=4, base=256, channel_mults=(1, 1), num_res_down=1,
+                   num_res_up=2, attn_levels=(), groups=8, dropout=0.0)
+  rng = np.random.default_rng(13)
+  x = jnp.asarray(rng.normal(size=(1, 16, 16, 4)), jnp.float32)
+  cond = jnp.asarray(rng.normal(size=(1, 16, 16, 3)), jnp.float32)
+  t = jnp.array([250])
+  p = unet.init_params(model, jax.random.key(1), x.shape, cond.shape)
+  cached = jax.jit(lambda p: unet.with_winograd_kernels(model, p, x.shape, cond.shape))(p)
+  kernels = {jax.tree_util.keystr(path[:-1]): leaf for path, leaf in
+             jax.tree_util.tree_flatten_with_path(cached)[0]
+             if path[-1].key == "winograd_kernel"}
+  # conv_in / cond_in map to 256 channels at 16 x 16 too; level-1 convs (8 x 8) use im2col.
+  assert "['conv_in']" in kernels and "['encoder']['level0_res0']['conv1']" in kernels
+  assert not any("level1" in k for k in kernels)
+  np.testing.assert_allclose(kernels["['conv_in']"],
+                             unet.winograd_kernel(p["conv_in"]["kernel"]), rtol=1e-6)
+  apply = jax.jit(lambda p: model.apply({"params": p}, x, cond, t))
+  plain = apply(p)
+  np.testing.assert_allclose(apply(cached), plain, rtol=1e-5, atol=1e-5)
+  xla = model.clone(conv_impl="xla")
+  np.testing.assert_allclose(plain, xla.apply({"params": p}, x, cond, t), rtol=1e-4,
+                             atol=1e-4)
+
+
 @pytest.mark.parametrize("hw", [(1, 1), (2, 3), (5, 4)])
 def test_upsample_conv_equals_conv_of_nearest_upsample(hw):
   rng = np.random.default_rng(10)

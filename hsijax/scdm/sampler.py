@@ -40,7 +40,7 @@ import numpy as np
 
 from hsijax import diffusion, progress
 from hsijax.scdm import cascade
-from hsijax.scdm.unet import deinterleave, interleave
+from hsijax.scdm.unet import CondUNet, deinterleave, interleave, with_winograd_kernels
 
 PDT_TARGETS = (None, "eps", "x")
 
@@ -287,6 +287,8 @@ def _stage_sampler(model: Any, schedule: diffusion.Schedule, settings: SamplerSe
                        "axis with cond[None]")
     k_init, k_noise = jax.random.split(key)
     x_T = jax.random.normal(k_init, cond.shape[:3] + (out_channels,), jnp.float32)
+    if isinstance(model, CondUNet):  # kernel transforms once per chain, not per step
+      params = with_winograd_kernels(model, params, x_T.shape, cond.shape)
 
     def body(x, i):
       noise = jax.random.normal(jax.random.fold_in(k_noise, i), x.shape, x.dtype)

@@ -35,7 +35,7 @@ guided step (124 -> 112 GFLOP at 64 x 64).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -172,6 +172,69 @@ def upsample_conv(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array
   return jnp.stack(rows, axis=2).reshape(n, 2 * height, 2 * width, cout) + bias
 
 
+# Winograd F(2x2, 3x3): Y = A^T [(G k G^T) * (B^T d B)] A per 4 x 4 input tile d and 2 x 2
+# output tile (Lavin & Gray 2016): 16 instead of 36 multiplications per output tile.
+def _wino_g(k0, k1, k2):
+  """The four rows of G k for k = (k0, k1, k2) along one axis."""
+  return k0, 0.5 * (k0 + k1 + k2), 0.5 * (k0 - k1 + k2), k2
+
+
+def winograd_kernel(kernel: jax.Array) -> jax.Array:
+  """(3, 3, C_in, C_out) -> the 16 transformed kernels G k G^T, (16, C_in, C_out).
+
+  Written as adds of kernel slices (one elementwise pass): as an einsum XLA makes it a
+  (9 C_in C_out / 3, 3) x (3, 4) matmul plus transposes, ~10x slower.
+  """
+  rows = _wino_g(*(kernel[a] for a in range(3)))                   # each (3, C_in, C_out)
+  return jnp.stack([c for r in rows for c in _wino_g(*(r[b] for b in range(3)))])
+
+
+def _wino_bt(d0, d1, d2, d3):
+  """The four rows of B^T d for d = (d0, d1, d2, d3) along one axis."""
+  return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def winograd_conv(x: jax.Array, u: jax.Array, bias: jax.Array) -> jax.Array:
+  """3x3 convolution, stride 1, padding 1, by Winograd F(2x2, 3x3); equals lax.conv.
+
+  (N, H, W, C_in) with even H, W, u = winograd_kernel(kernel) (16, C_in, C_out), bias
+  (C_out,) -> (N, H, W, C_out). The input is cut into (H/2)(W/2) overlapping 4 x 4 tiles, each
+  transformed to 16 components (adds only), multiplied by the 16 transformed kernels as 16
+  (N H W / 4, C_in) x (C_in, C_out) matmuls, and transformed back to 2 x 2 outputs: 2.25x
+  fewer multiplications than the direct convolution, for 4x the input's size in
+  transformed tiles. Float32 error ~1e-6 relative (the transforms have entries 0, +-1/2, +-1).
+  """
+  n, h, w, cin = x.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"winograd_conv needs even H and W, got {(h, w)}")
+  # Materialised once: fused into the 16 slices below, the producer (GroupNorm + SiLU)
+  # would be recomputed for every tile component.
+  xp = jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+  rows = _wino_bt(*(xp[:, a:a + h:2] for a in range(4)))            # (N, H/2, W+2, C_in)
+  parts = [c for r in rows for c in _wino_bt(*(r[:, :, b:b + w:2] for b in range(4)))]
+  v = jnp.stack(parts).reshape(16, -1, cin)                         # (16, N H W / 4, C_in)
+  m = jnp.einsum("ktc,kcd->ktd", v, u).reshape(4, 4, n, h // 2, w // 2, -1)
+  # A^T m A with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], first along the tile rows.
+  p = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
+  y = jnp.stack([jnp.stack([q[0] + q[1] + q[2], q[1] - q[2] - q[3]], axis=3) for q in p],
+                axis=2)                                             # (N, H/2, 2, W/2, 2, C)
+  return y.reshape(n, h, w, -1) + bias
+
+
+def use_winograd(shape: Sequence[int], features: int) -> bool:
+  """Whether conv_impl="auto" runs a stride-1 3x3 convolution of an (N, H, W, C_in) input
+  with `features` outputs by `winograd_conv`: on CPU, for 256+ output channels on maps
+  larger than the im2col ones and up to 128 x 128, where it measured faster than XLA:CPU's
+  convolution (docs/benchmarks.md, session 4; e.g. 32 x 32, 768 -> 256: 12.9 -> 7.2 ms;
+  128 x 128, 768 -> 256: 168 -> 122 ms). Not for 128 channels (64 x 64, 128 -> 128: 7.8 vs
+  9.8 ms) or 256 x 256 maps (the transformed tiles leave the caches). On GPU / TPU the
+  vendor convolutions already pick fast algorithms.
+  """
+  _, h, w, _ = shape
+  return (jax.default_backend() == "cpu" and features >= 256 and h % 2 == 0 and
+          w % 2 == 0 and SMALL_MAP_MAX_PIXELS < h * w <= 128 * 128)
+
+
 class Conv3x3(nn.Module):
   """3x3 convolution, padding 1 (SAME for stride 1), with nn.Conv's parameters.
 
@@ -186,7 +249,9 @@ class Conv3x3(nn.Module):
       XLA:CPU runs small-map convolutions through a slow path (it swaps the operands and
       reverses the kernel on every call: ~70 ms for a 2 x 2 x 512 map that needs 0.8 ms
       as a matmul);
-    * larger upsampling convs: `upsample_conv` (4 phase kernels of 2x2 taps).
+    * larger upsampling convs: `upsample_conv` (4 phase kernels of 2x2 taps);
+    * on CPU, stride-1 convs of the shapes in `use_winograd` (wide layers, and the
+      decoder's concatenated inputs up to 64 x 64): `winograd_conv`.
   """
   features: int
   strides: int = 1
@@ -208,6 +273,16 @@ class Conv3x3(nn.Module):
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     if self.impl == "auto" and small:
       return im2col_conv(x, kernel, bias, self.strides)
+    if self.impl == "auto" and self.strides == 1 and use_winograd(x.shape, self.features):
+      # The transformed kernel from the params when `with_winograd_kernels` put it there
+      # (the sampler: computed once, not at every step), else here.
+      if self.has_variable("params", "winograd_kernel"):
+        u = self.get_variable("params", "winograd_kernel")
+      else:
+        u = winograd_kernel(kernel)
+        if self.is_mutable_collection("winograd") and not self.is_initializing():
+          self.put_variable("winograd", "winograd_kernel", u)
+      return winograd_conv(x, u, bias)
     y = jax.lax.conv_general_dilated(x, kernel, (self.strides,) * 2, ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + bias
@@ -548,6 +623,29 @@ def init_params(model: CondUNet, key: jax.Array, x_shape: Sequence[int],
     return out
 
   return jax.tree_util.tree_unflatten(treedef, build(key))["params"]
+
+
+def with_winograd_kernels(model: CondUNet, params: Any, x_shape: Sequence[int],
+                          cond_shape: Sequence[int]) -> dict:
+  """`params` plus, next to each "kernel" that runs by Winograd at these input shapes, its
+  transformed "winograd_kernel" (16, C_in, C_out).
+
+  For loops that call the model many times with the same parameters (the sampler): the
+  transform then runs once instead of at every call (XLA does not hoist it out of a scan,
+  its output is 16/9 the kernel's size). The result is only for `model.apply`; save the
+  original params. Under jit only the kernel transforms of the probe forward are kept
+  (the rest is dead code). Same outputs as with `params`.
+  """
+  probe = lambda shape: jnp.zeros(tuple(shape), jnp.float32)
+  _, state = model.apply({"params": params}, probe(x_shape), probe(cond_shape),
+                         jnp.zeros((x_shape[0],), jnp.int32), mutable=["winograd"])
+
+  def merge(a, b):
+    out = dict(a)
+    for k, v in b.items():
+      out[k] = merge(a[k], v) if isinstance(v, Mapping) and k in a else v
+    return out
+  return merge(params, state.get("winograd", {}))
 
 
 def count_params(params: Any) -> int:
