@@ -250,8 +250,9 @@ class Conv3x3(nn.Module):
       reverses the kernel on every call: ~70 ms for a 2 x 2 x 512 map that needs 0.8 ms
       as a matmul);
     * larger upsampling convs: `upsample_conv` (4 phase kernels of 2x2 taps);
-    * on CPU, stride-1 convs of the shapes in `use_winograd` (wide layers, and the
-      decoder's concatenated inputs up to 64 x 64): `winograd_conv`.
+    * on CPU, stride-1 convs of the shapes in `use_winograd` (256+ output channels on
+      16 x 16 ... 128 x 128 maps): `winograd_conv`, with the transformed kernel taken from
+      the params when `with_winograd_kernels` cached it there.
   """
   features: int
   strides: int = 1
@@ -467,8 +468,9 @@ class CondUNet(nn.Module):
     mid_attn: self-attention between the two middle ResBlocks.
     dropout: rate inside every ResBlock, used only with train=True (rng "dropout").
     groups: GroupNorm groups, lowered per layer to the largest divisor of its channels.
-    conv_impl: "auto" (3x3 convolutions on small maps as im2col + matmul and upsampling
-      convolutions as phase kernels, see Conv3x3; 1x1 skip convolutions as one matmul,
+    conv_impl: "auto" (3x3 convolutions on small maps as im2col + matmul, upsampling
+      convolutions as phase kernels, wide layers on CPU by Winograd F(2x2, 3x3), see
+      Conv3x3; 1x1 skip convolutions as one matmul,
       see Conv1x1; GroupNorm as in `GroupNorm`) or "xla"
       (the earlier formulation: lax.conv everywhere, flax's nn.GroupNorm); same
       parameters and function, outputs equal to float32 rounding.
