@@ -444,9 +444,10 @@ def bench_scdm_step(config, unet: str, icmg: bool, peaks: dict,
   fwd = lambda p, x, cc, t: model.apply(p, x, cc, t, with_uncond=icmg)
   fwd_c, _, _ = bm.compile_fn(fwd, params, xb, cb, tb)
   flops = {"analytic": bm.jaxpr_flops(fwd, params, xb, cb, tb),
-           "analytic_note": "dense FLOPs of the step's U-Net call (with ICMG: both "
-                            "predictions, noisy-stream encoder shared), counted from its "
-                            "jaxpr shapes",
+           "analytic_note": "FLOPs of the matmuls / convolutions of the step's U-Net "
+                            "call as run (with ICMG: both predictions, noisy-stream "
+                            "encoder shared; Winograd layers: their 16 matmuls), counted "
+                            "from its jaxpr shapes",
            "jaxpr": bm.jaxpr_flops(sample, params["params"], cond_j, key) / n1,
            "xla": bm.xla_flops(fwd_c),
            "xla_note": "XLA cost analysis of the same U-Net call"}

@@ -35,7 +35,7 @@ guided step (124 -> 112 GFLOP at 64 x 64).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -635,19 +635,21 @@ def with_winograd_kernels(model: CondUNet, params: Any, x_shape: Sequence[int],
   For loops that call the model many times with the same parameters (the sampler): the
   transform then runs once instead of at every call (XLA does not hoist it out of a scan,
   its output is 16/9 the kernel's size). The result is only for `model.apply`; save the
-  original params. Under jit only the kernel transforms of the probe forward are kept
-  (the rest is dead code). Same outputs as with `params`.
+  original params. Which convolutions use Winograd is found by an abstract forward
+  (`jax.eval_shape`), so only the kernel transforms are traced. Same outputs as `params`.
   """
   probe = lambda shape: jnp.zeros(tuple(shape), jnp.float32)
-  _, state = model.apply({"params": params}, probe(x_shape), probe(cond_shape),
-                         jnp.zeros((x_shape[0],), jnp.int32), mutable=["winograd"])
+  _, state = jax.eval_shape(
+      lambda p: model.apply({"params": p}, probe(x_shape), probe(cond_shape),
+                            jnp.zeros((x_shape[0],), jnp.int32), mutable=["winograd"]),
+      params)
 
-  def merge(a, b):
-    out = dict(a)
-    for k, v in b.items():
-      out[k] = merge(a[k], v) if isinstance(v, Mapping) and k in a else v
+  def add(p, marks):
+    out = dict(p)
+    for k, v in marks.items():
+      out[k] = winograd_kernel(p["kernel"]) if k == "winograd_kernel" else add(p[k], v)
     return out
-  return merge(params, state.get("winograd", {}))
+  return add(params, state.get("winograd", {}))
 
 
 def count_params(params: Any) -> int:
