@@ -17,6 +17,9 @@ found exactly by bisection on the float bits (`order_statistics`: 32 compare-and
 passes, no sort): 1.9 ms for M = 200k values on this CPU vs 8.7 ms for lax.top_k of the
 largest 12% and more for a full sort; `per_sample_quantile(..., method="sort")` sorts.
 
+Before the scan a CondUNet's Winograd kernels (CPU, wide layers) are transformed once
+(`unet.with_winograd_kernels`), not at every step.
+
 Randomness: x_T = normal(k_init), the noise added at position i is normal(fold_in(k_noise,
 i)) with (k_init, k_noise) = split(key): results do not depend on how the chain or the
 batch is split over devices (threefry is partitionable), so a batch sharded over the mesh
