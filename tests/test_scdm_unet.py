@@ -253,6 +253,13 @@ def test_bad_config_or_input_raises(kwargs, shape, match):
 # ----------------------------------------------------------------------------- Conv3x3
 
 
+def _conv_case(seed, shape, c_out):
+  """Random input `shape` (N, H, W, C_in), 3x3 kernel to c_out channels and bias."""
+  rng = np.random.default_rng(seed)
+  draw = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  return draw(*shape), draw(3, 3, shape[-1], c_out), draw(c_out)
+
+
 def _lax_conv(x, kernel, bias, stride):
   return lax.conv_general_dilated(x, kernel, (stride, stride), ((1, 1), (1, 1)),
                                   dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
@@ -261,10 +268,7 @@ def _lax_conv(x, kernel, bias, stride):
 @pytest.mark.parametrize("hw, stride", [((1, 1), 1), ((2, 2), 1), ((3, 5), 1), ((8, 8), 1),
                                         ((2, 2), 2), ((3, 3), 2), ((4, 6), 2), ((1, 1), 2)])
 def test_im2col_conv_equals_lax_conv(hw, stride):
-  rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.normal(size=(2, *hw, 6)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 7)), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(7,)), jnp.float32)
+  x, kernel, bias = _conv_case(5, (2, *hw, 6), 7)
   got = unet.im2col_conv(x, kernel, bias, stride)
   want = _lax_conv(x, kernel, bias, stride)
   assert got.shape == want.shape
@@ -287,10 +291,7 @@ def test_im2col_conv_drops_only_padding_taps():
 
 @pytest.mark.parametrize("hw", [(2, 2), (4, 6), (10, 8)])
 def test_winograd_conv_equals_lax_conv(hw):
-  rng = np.random.default_rng(11)
-  x = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 7)), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(7,)), jnp.float32)
+  x, kernel, bias = _conv_case(11, (2, *hw, 5), 7)
   got = unet.winograd_conv(x, unet.winograd_kernel(kernel), bias)
   np.testing.assert_allclose(got, _lax_conv(x, kernel, bias, 1), rtol=1e-5, atol=2e-5)
 
@@ -343,10 +344,7 @@ def test_cached_winograd_kernels_give_the_same_outputs():
 
 @pytest.mark.parametrize("hw", [(1, 1), (2, 3), (5, 4)])
 def test_upsample_conv_equals_conv_of_nearest_upsample(hw):
-  rng = np.random.default_rng(10)
-  h = jnp.asarray(rng.normal(size=(2, *hw, 5)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 5, 6)), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(6,)), jnp.float32)
+  h, kernel, bias = _conv_case(10, (2, *hw, 5), 6)
   up = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
   want = _lax_conv(up, kernel, bias, 1)
   got = unet.upsample_conv(h, kernel, bias)

@@ -127,6 +127,7 @@ def _concat_dot_bwd(precision, res, g):
 
 concat_dot.defvjp(_concat_dot_fwd, _concat_dot_bwd, symbolic_zeros=True)
 
+
 class _Linear(nn.Module):
   """Holds one (in, out) kernel and (out,) bias; returns them (the caller does the matmul)."""
   features_in: int
