@@ -60,7 +60,7 @@ def test_scope_sets_and_restores_matmul_precision():
 
 
 def test_denoiser_bfloat16_close_to_float32():
-  from hsijax.sdp.denoiser import SpectralDenoiser, apply_with_input_grad, time_condition
+  from hsijax.sdp.denoiser import SpectralDenoiser, apply_with_input_grad, fold_time_condition
   B, H = 12, 64
   m32 = SpectralDenoiser(num_bands=B, hidden=H, precision="float32")
   m16 = SpectralDenoiser(num_bands=B, hidden=H, precision="bfloat16")
@@ -82,7 +82,7 @@ def test_denoiser_bfloat16_close_to_float32():
   def grads(model):
     _, vjp = jax.vjp(lambda x: model.apply(params, x, 300), x)
     auto = vjp(2.0 * model.apply(params, x, 300))[0]
-    _, mine = apply_with_input_grad(model, params, x, time_condition(model, params, 300), cot,
+    _, mine = apply_with_input_grad(model, fold_time_condition(model, params, 300), x, cot,
                                     chunk=None)
     return auto, mine
 

@@ -192,7 +192,7 @@ def test_bad_input_raises():
 
 
 def test_hand_written_input_grad_matches_autodiff():
-  from hsijax.sdp.denoiser import apply_with_input_grad, time_condition
+  from hsijax.sdp.denoiser import apply_with_input_grad, fold_time_condition
   model, params = _small()
   x = jax.random.uniform(jax.random.key(5), (10, 6))
   target = jax.random.normal(jax.random.key(6), (10, 6))
@@ -201,9 +201,9 @@ def test_hand_written_input_grad_matches_autodiff():
   @jax.jit
   def both(params, x):
     out, vjp = jax.vjp(lambda x: model.apply(params, x, 321), x)
-    cond = time_condition(model, params, 321)
-    whole = apply_with_input_grad(model, params, x, cond, cot, target, chunk=None)
-    chunked = apply_with_input_grad(model, params, x, cond, cot, target, chunk=4)  # 10 = 4+4+2
+    folded = fold_time_condition(model, params, 321)
+    whole = apply_with_input_grad(model, folded, x, cot, target, chunk=None)
+    chunked = apply_with_input_grad(model, folded, x, cot, target, chunk=4)  # 10 = 4+4+2
     return out, vjp(cot(out, target))[0], whole, chunked
 
   out, dx, *mine = both(params, x)

@@ -10,7 +10,7 @@
 """
 from hsijax.sdp.blind import blind_objective, estimate_psf_srf, project_psf, project_srf
 from hsijax.sdp.denoiser import (SpectralDenoiser, apply_with_input_grad, count_params,
-                                 time_condition)
+                                 fold_time_condition, time_condition)
 from hsijax.sdp.solver import (fusion_grad, fusion_loss, initial_x, make_batched_solver,
                                make_solver, position_noise, respaced_lr_scale)
 from hsijax.sdp.tiled import check_tiling, fuse_tiled, make_tiled_solver
@@ -19,7 +19,8 @@ from hsijax.sdp.train import (TrainState, diffusion_loss, evaluate_fid, fit, ini
                               sample_spectra, schedule_from_config)
 
 __all__ = [
-    "SpectralDenoiser", "count_params", "time_condition", "apply_with_input_grad",
+    "SpectralDenoiser", "count_params", "time_condition", "fold_time_condition",
+    "apply_with_input_grad",
     "TrainState", "make_optimizer", "init_train_state", "make_train_step", "fit",
     "sample_spectra", "evaluate_fid", "diffusion_loss", "lr_factor", "model_from_config",
     "schedule_from_config",

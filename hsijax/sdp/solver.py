@@ -14,7 +14,7 @@ The gradient reaches X through the data terms and through x_t; the network is fr
 loss is differentiated w.r.t. X only, so no weight gradients are ever computed). For speed the
 prior's input gradient uses the hand-written backward `denoiser.apply_with_input_grad`
 (`fusion_grad`; equal to jax.grad(fusion_loss), which the tests check) and the time condition
-is computed once per timestep and shared by the K inner steps. One Adam
+is folded into the network's kernels once per timestep and shared by the K inner steps. One Adam
 state persists over the whole loop, so its bias-correction count runs over all n * K steps.
 The output is X_ema. gam = 0 is the paper's "Baseline" (the network is never evaluated).
 
@@ -113,14 +113,14 @@ def _data_terms(X, y, z, psf, srf, lam, ratio):
 def fusion_grad(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.Array,
                 srf: jax.Array, eps: jax.Array, i: jax.Array, *, model: SpectralDenoiser,
                 schedule: diffusion.Schedule, lam: float, gam: float, ratio: int,
-                cond: list[jax.Array] | None = None) -> jax.Array:
+                folded: dict[str, Any] | None = None) -> jax.Array:
   """d fusion_loss / d X (same arguments), computed the fast way.
 
   The data terms go through jax.grad (cheap). The prior term's gradient is
   gam * sqrt(abar_i) * J^T 2 (eps_theta(x_t) - eps), with J^T applied by the hand-written
   input-only backward of `denoiser.apply_with_input_grad` (no weight gradients, fewest passes
-  over the activations). `cond` (the time condition of position i) may be passed in when it
-  is shared by several inner steps. Models other than SpectralDenoiser fall back to
+  over the activations). `folded` (`denoiser.fold_time_condition` of position i) may be passed
+  in when it is shared by several inner steps. Models other than SpectralDenoiser fall back to
   jax.grad(fusion_loss).
   """
   if not isinstance(model, SpectralDenoiser):
@@ -130,10 +130,10 @@ def fusion_grad(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.
   if _is_zero(gam):
     return g
   B = X.shape[-1]
-  if cond is None:
-    cond = denoiser.time_condition(model, params, schedule.timesteps[i])
+  if folded is None:
+    folded = denoiser.fold_time_condition(model, params, schedule.timesteps[i])
   x_t = diffusion.q_sample(schedule, X, i, eps)
-  _, d_xt = denoiser.apply_with_input_grad(model, params, x_t.reshape(-1, B), cond,
+  _, d_xt = denoiser.apply_with_input_grad(model, folded, x_t.reshape(-1, B),
                                            lambda out, e: (2.0 * gam) * (out - e),
                                            eps.reshape(-1, B))
   return g + schedule.sqrt_alphas_cumprod[i] * d_xt.reshape(X.shape)
@@ -238,7 +238,7 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
   b1, b2 = betas
   grad_fn = functools.partial(fusion_grad, model=model, schedule=schedule, lam=lam, gam=gam,
                               ratio=ratio)
-  use_cond = isinstance(model, SpectralDenoiser) and not _is_zero(gam)
+  use_folded = isinstance(model, SpectralDenoiser) and not _is_zero(gam)
 
   def solve(params, y, z, psf, srf, key, offset=None):
     y, z = jnp.asarray(y, jnp.float32), jnp.asarray(z, jnp.float32)
@@ -247,7 +247,7 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
     shape = z.shape[:2] + y.shape[-1:]
     x0 = initial_x(y, shape, init, ratio)
 
-    def inner(carry, k, i, step0, cond):
+    def inner(carry, k, i, step0, folded):
       x, m, v, x_ema = carry
       step_key = jax.random.fold_in(jax.random.fold_in(key, i), k)
       if noise == "position":
@@ -255,7 +255,7 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
                              shape)
       else:
         eps = jax.random.normal(step_key, shape, jnp.float32)
-      g = grad_fn(x, params, y, z, psf, srf, eps, i, cond=cond) + weight_decay * x
+      g = grad_fn(x, params, y, z, psf, srf, eps, i, folded=folded) + weight_decay * x
       count = (step0 + k + 1).astype(jnp.float32)
       m = b1 * m + (1.0 - b1) * g
       v = b2 * v + (1.0 - b2) * g * g
@@ -267,11 +267,12 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
 
     def outer(carry, j):
       i = n - 1 - j
-      # The time condition depends on t only: once per outer step, shared by the K steps.
-      cond = denoiser.time_condition(model, params, schedule.timesteps[i]) if use_cond \
-          else None
+      # The time condition depends on t only: folded into the kernels once per outer step,
+      # shared by the K steps.
+      folded = denoiser.fold_time_condition(model, params, schedule.timesteps[i]) \
+          if use_folded else None
       carry, _ = jax.lax.scan(
-          lambda c, k: inner(c, k, i, j * K, cond), carry, jnp.arange(K))
+          lambda c, k: inner(c, k, i, j * K, folded), carry, jnp.arange(K))
       progress.tick(j + 1, every=progress_every)
       return carry, None
 
