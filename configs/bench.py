@@ -32,6 +32,8 @@ Workloads (`workloads` is a comma-separated subset of these names):
                        models get jax.default_matmul_precision (no effect on CPU). The PyTorch
                        reference stays float32; such workloads are not checked against the
                        ratio targets.
+Each workload is timed `repeats` times (median), or `workload_repeats[name]` times where the
+preset sets a count of its own.
 
 Launch commands (run from the repository root):
   python -m launch.bench --config=configs/bench.py:cpu --workdir=workdirs/bench
@@ -66,6 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
   c.repeats = 7            # timed repeats per workload (median reported; JAX / PyTorch pairs)
+  # Per-workload repeat counts (name without "@precision"). The two cheap workloads with 0.5
+  # targets get 15 pairs (~1 s each): their median then rides out a slow phase of the VM
+  # that covers a few pairs; a scdm_paper256 pair takes ~15 s, so 5 there (saves ~40 s).
+  c.workload_repeats = ml_collections.ConfigDict(
+      {"sdm_train": 15, "sdp_step_64": 15, "scdm_paper256": 5})
   c.warmup = 1             # untimed calls after compilation
   c.train_calls_per_repeat = 10  # sdm_train: back-to-back steps per timed repeat (both sides)
   c.torch = True           # also time the PyTorch eager reference when torch is installed
@@ -114,9 +121,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   })
   c.scdm.sizes = ml_collections.ConfigDict({"tiny": 32, "paper": 64, "paper256": 256})  # H = W
   c.scdm.unet_steps = ml_collections.ConfigDict({"paper256": (1, 2)})
-  # Timed repeats per U-Net where they differ from `repeats` (a paper256 JAX + PyTorch pair
-  # takes ~15 s: 5 instead of 7 repeats save ~40 s of the cpu preset's 10-13 minutes).
-  c.scdm.unet_repeats = ml_collections.ConfigDict({"paper256": 5})
   c.scdm.batch = 1
 
   c.sampling = ml_collections.ConfigDict()
@@ -136,8 +140,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.scdm.steps = (5, 25)
     c.sampling.max_full_s = 3600.0
     c.repeats = 10
+    c.workload_repeats = ml_collections.ConfigDict()
   elif preset == "tiny":
     c.repeats = 2
+    c.workload_repeats = ml_collections.ConfigDict()
     c.train_calls_per_repeat = 2
     c.matmul_n = 256
     c.sdp.num_bands = 16

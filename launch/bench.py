@@ -459,15 +459,10 @@ def bench_scdm_step(config, unet: str, icmg: bool, peaks: dict,
     x0 = torch.randn((cond.shape[0], c.out_channels, size, size))
     cond_t = _nchw(cond)
     torch_fn = lambda: ref.step(x0, cond_t, n1 - 1)
-  # Fewer repeats where one pair takes ~10 s (keeps the cpu preset under 15 minutes).
-  timing = config
-  if unet in c.get("unet_repeats", {}):
-    timing = config.copy_and_resolve_references()
-    timing.repeats = int(c.unet_repeats[unet])
   jax_r, torch_r = _time_with_torch(
-      lambda partner: _time_jax_marginal(build, params["params"], cond_j, key, config=timing,
+      lambda partner: _time_jax_marginal(build, params["params"], cond_j, key, config=config,
                                          steps=(n1, n2), partner=partner),
-      torch_fn, config=timing)
+      torch_fn, config=config)
   u = c.unets[unet]
   from hsijax.scdm.unet import count_params
   shape = {"N": int(cond.shape[0]), "H": size, "W": size, "C_out": c.out_channels,
@@ -541,8 +536,13 @@ def split_precision(name: str, default: str = "default") -> tuple[str, str]:
 
 def run_workload(name: str, config, peaks: dict, use_torch: bool,
                  done: dict[str, Any]) -> dict[str, Any]:
-  """Dispatches one workload by name (see configs/bench.py), at its precision."""
+  """Dispatches one workload by name (see configs/bench.py), at its precision and with its
+  own repeat count when `config.workload_repeats` has one."""
   name, prec = split_precision(name, config.get("precision", "default"))
+  repeats = config.get("workload_repeats", {}).get(name)
+  if repeats is not None and int(repeats) != config.repeats:
+    config = config.copy_and_resolve_references()
+    config.repeats = int(repeats)
   # SDP models take the policy themselves (operand dtypes); scope() covers other models.
   with precision_lib.scope(prec):
     out = _run_workload(name, config, peaks, use_torch, done, prec)

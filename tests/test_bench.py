@@ -159,8 +159,8 @@ def test_bench_config_presets():
     c = bench_cfg.get_config(p)
     assert c.repeats >= 1 and c.workloads
   cpu = bench_cfg.get_config("cpu")
-  # The protocol: medians of at least 5 repeats, per-U-Net overrides included.
-  assert min([cpu.repeats, *cpu.scdm.unet_repeats.values()]) >= 5
+  # The protocol: medians of at least 5 repeats, per-workload overrides included.
+  assert min([cpu.repeats, *cpu.workload_repeats.values()]) >= 5
   with pytest.raises(ValueError, match="preset"):
     bench_cfg.get_config("nope")
 
@@ -180,7 +180,7 @@ STEP_KEYS = {"shape", "flops_per_step", "jax", "torch", "ratio_jax_over_torch"}
 JAX_KEYS = {"compile_s", "step_s", "times", "gflops", "fraction_of_matmul_peak", "memory"}
 
 
-def _run_bench(tmp_path, workloads, torch_on, unet_repeats=None):
+def _run_bench(tmp_path, workloads, torch_on, workload_repeats=None):
   from configs import bench as bench_cfg
   from launch import bench
   config = bench_cfg.get_config("tiny")
@@ -188,8 +188,7 @@ def _run_bench(tmp_path, workloads, torch_on, unet_repeats=None):
   config.repeats = 1
   config.warmup = 0
   config.torch = torch_on
-  if unet_repeats:
-    config.scdm.unet_repeats = unet_repeats
+  config.workload_repeats = workload_repeats or {}
   record = bench.run(config, str(tmp_path))
   on_disk = json.loads((tmp_path / "bench.json").read_text())
   return config, record, on_disk
@@ -204,9 +203,9 @@ def test_bench_json_has_every_workload(tmp_path):
   names = ["sdm_train", "sdp_step_16", "scdm_tiny_icmg", "sample_tiny_ddpm",
            "sdm_train@bfloat16"]
   config, record, on_disk = _run_bench(tmp_path, ",".join(names), torch_on,
-                                       unet_repeats={"tiny": 2})
+                                       workload_repeats={"scdm_tiny_icmg": 2})
   assert list(on_disk["workloads"]) == names
-  # `repeats` everywhere except the U-Net with its own count.
+  # `repeats` everywhere except the workload with its own count.
   assert [len(on_disk["workloads"][n]["jax"]["times"]) for n in names[:3]] == [1, 1, 2]
   if torch_on:
     assert len(on_disk["workloads"]["scdm_tiny_icmg"]["torch"]["times"]) == 2
