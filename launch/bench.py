@@ -122,10 +122,10 @@ def _torch_threads(fn: Callable[[], Any], *, config) -> dict[str, Any]:
 
 
 def _time_with_torch(time_jax: Callable[..., dict], torch_fn: Callable[[], Any] | None, *,
-                     config, calls_per_repeat: int = 1) -> tuple[dict, dict | None]:
+                     config) -> tuple[dict, dict | None]:
   """Times JAX and (when given) the PyTorch step in pairs: after torch's thread probe,
-  `time_jax(partner=...)` runs one PyTorch repeat (`calls_per_repeat` calls) right after
-  every JAX repeat, so each pair meets the same machine load; the ratio is then the median
+  `time_jax(partner=...)` runs one PyTorch repeat (as many calls as a JAX repeat makes) right
+  after every JAX repeat, so each pair meets the same machine load; the ratio is then the median
   of the per-pair ratios (`bm.paired_ratio`), robust to load that drifts during a run.
 
   Returns:
@@ -135,20 +135,13 @@ def _time_with_torch(time_jax: Callable[..., dict], torch_fn: Callable[[], Any] 
     return time_jax(partner=None), None
   from hsijax import torch_ref
   probe = _torch_threads(torch_fn, config=config)
-
-  def partner():
-    for _ in range(calls_per_repeat):
-      torch_fn()
-
   try:
-    jax_r = time_jax(partner=partner)
+    # The repeat loop calls the partner `calls_per_repeat` times per repeat, as the JAX step,
+    # and reports seconds per call.
+    jax_r = time_jax(partner=torch_fn)
   finally:
     torch_ref.set_threads(probe["candidates"][0])
   torch_r = jax_r.pop("partner")
-  for key in ("times", "cpu_times"):  # per call, like the JAX side
-    torch_r[key] = [v / calls_per_repeat for v in torch_r[key]]
-  torch_r["step_s"] = float(np.median(torch_r["times"]))
-  torch_r["cpu_s"] = float(np.median(torch_r["cpu_times"]))
   torch_r.update({k: probe[k] for k in ("threads", "thread_probe_s", "memory")})
   return jax_r, torch_r
 
@@ -292,7 +285,7 @@ def bench_sdm_train(config, peaks: dict, use_torch: bool,
     torch_fn = trainer.step
   jax_r, torch_r = _time_with_torch(
       lambda partner: _time_jax(step, state, batch, key, config=config, calls_per_repeat=k,
-                                partner=partner), torch_fn, config=config, calls_per_repeat=k)
+                                partner=partner), torch_fn, config=config)
   flops["xla"] = jax_r["xla_flops"]
   shape = {"batch": s.train_batch, "bands": s.num_bands, "hidden": s.hidden,
            "layers": s.num_layers}

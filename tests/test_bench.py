@@ -262,6 +262,28 @@ def test_calls_per_repeat_times_blocks_and_reports_per_call():
     bm._timed_repeats(call, repeats=1, warmup=0, calls_per_repeat=0)
 
 
+def test_torch_partner_runs_as_many_steps_as_jax_per_repeat():
+  pytest.importorskip("torch")
+  import ml_collections
+  from launch import bench
+  config = ml_collections.ConfigDict({"repeats": 2, "warmup": 0, "torch_threads": (1,)})
+  steps = []
+
+  def torch_step():
+    steps.append(1)
+    time.sleep(0.004)
+
+  f = jax.jit(lambda a: a * 2.0)
+  jax_r, torch_r = bench._time_with_torch(
+      lambda partner: bench._time_jax(f, jnp.ones(4), config=config, calls_per_repeat=3,
+                                      partner=partner), torch_step, config=config)
+  # One probe call (a single thread candidate: no probe warm-up), then 3 steps per repeat.
+  assert len(steps) == 1 + 2 * 3
+  assert len(torch_r["times"]) == len(jax_r["times"]) == 2
+  assert all(0.004 <= t < 0.05 for t in torch_r["times"])  # seconds per step
+  assert torch_r["step_s"] == pytest.approx(np.median(torch_r["times"]))
+
+
 def test_partner_is_timed_right_after_each_repeat_and_paired():
   order = []
 
