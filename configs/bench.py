@@ -39,7 +39,8 @@ Launch commands (run from the repository root):
   python -m launch.bench --config=configs/bench.py:cpu --workdir=workdirs/bench
   python -m launch.bench --config=configs/bench.py:cpu --config.workloads=sdp_step_64,sdm_train \
       --workdir=workdirs/bench_sdp
-  python -m launch.bench --config=configs/bench.py:gpu --config.torch=False --workdir=workdirs/bench_gpu
+  python -m launch.bench --config=configs/bench.py:gpu --config.torch=False \
+      --workdir=workdirs/bench_gpu
   python -m launch.bench --config=configs/bench.py:cpu --config.torch=False \
       --config.workloads=sdm_train,sdm_train@bfloat16,sdp_step_64,sdp_step_64@bfloat16 \
       --workdir=workdirs/bench_bf16

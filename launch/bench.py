@@ -15,9 +15,10 @@ training step `hsijax.sdp.train.make_train_step`, SCDM steps `hsijax.scdm.sample
 Scanned programs (solver, sampler) are compiled for n1 and n2 steps (`sdp.steps`,
 `scdm.steps`) and the JAX time per step is the marginal (t(n2) - t(n1)) / (n2 - n1): per-call
 costs (XLA allocates its temporary buffers once per call and the loop reuses them; on this
-VM first-touch page faults of a 100+ MB arena cost ~0.2 s (64 x 64) to ~1.8 s (128 x 128) per call) cancel, as they do
-in a real 1000-step run. They are reported as `overhead_s`. PyTorch steps are timed one
-call at a time (eager code has no per-call setup to amortise), each right after a JAX repeat
+VM first-touch page faults of a 100+ MB arena cost ~0.2 s (64 x 64) to ~1.8 s (128 x 128)
+per call) cancel, as they do in a real 1000-step run. They are reported as `overhead_s`.
+PyTorch steps are timed one call at a time (eager code has no per-call setup to amortise;
+`sdm_train`: blocks of the same number of steps as JAX's), each right after a JAX repeat
 (`benchmarking._timed_repeats(partner=...)`), and JAX / PyTorch is the median of the
 per-pair ratios, so load that drifts during a run hits both sides of every pair alike.
 """
