@@ -350,12 +350,16 @@ def bench_sdp_step(config, size: int, peaks: dict, use_torch: bool,
 # --------------------------------------------------------------------------- SCDM
 
 
-_SCDM_CACHE: dict[tuple, Any] = {}  # (id(config), unet) -> (model, params, cond); run() clears
+_SCDM_CACHE: dict[tuple, Any] = {}  # (unet, seed, scdm config) -> (model, params, cond)
 
 
 def _scdm_setup(config, unet: str):
-  """Builds (once per run) the U-Net, its initial params and a random condition."""
-  key = (id(config), unet)
+  """Builds (once per run) the U-Net, its initial params and a random condition.
+
+  Keyed by the settings that determine them, not by the config object: workloads with their
+  own repeat count run on a copy of the config and still share the setup.
+  """
+  key = (unet, config.seed, config.scdm.to_json_best_effort(sort_keys=True))
   if key not in _SCDM_CACHE:
     _SCDM_CACHE[key] = _scdm_setup_uncached(config, unet)
   return _SCDM_CACHE[key]
