@@ -1,4 +1,5 @@
-"""Tests for hsijax.benchmarking (FLOP counters, timing harness) and launch.bench (bench.json)."""
+"""Tests for benchmarks.harness (FLOP counters, timing harness), benchmarks.workloads and
+launch.bench (bench.json)."""
 import json
 import time
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hsijax import benchmarking as bm
+from benchmarks import harness as bm
 
 
 def test_denoiser_flops_hand_count():
@@ -166,7 +167,7 @@ def test_bench_config_presets():
 
 
 def test_split_precision():
-  from launch import bench
+  from benchmarks import workloads as bench
   assert bench.split_precision("sdm_train") == ("sdm_train", "default")
   assert bench.split_precision("sdm_train", "float32") == ("sdm_train", "float32")
   assert bench.split_precision("sdp_step_64@bfloat16") == ("sdp_step_64", "bfloat16")
@@ -234,7 +235,7 @@ def test_bench_json_has_every_workload(tmp_path):
   assert w16["precision"] == "bfloat16" and w32["precision"] == "default"
   assert w16["flops_per_step"]["jaxpr"] == w32["flops_per_step"]["jaxpr"]
   assert w16["jax"]["step_s"] > 0 and "sdm_train@bfloat16" not in on_disk["targets"]
-  text = __import__("launch.bench", fromlist=["format_table"]).format_table(record)
+  text = __import__("benchmarks.report", fromlist=["format_table"]).format_table(record)
   assert all(n in text for n in names)
 
 
@@ -265,7 +266,7 @@ def test_calls_per_repeat_times_blocks_and_reports_per_call():
 def test_torch_partner_runs_as_many_steps_as_jax_per_repeat():
   pytest.importorskip("torch")
   import ml_collections
-  from launch import bench
+  from benchmarks import workloads as bench
   config = ml_collections.ConfigDict({"repeats": 2, "warmup": 0, "torch_threads": (1,)})
   steps = []
 

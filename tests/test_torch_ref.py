@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from benchmarks.torch_ref import load_flax_params, timestep_embedding  # noqa: E402
 from hsijax import diffusion  # noqa: E402
-from hsijax.torch_ref import load_flax_params, timestep_embedding  # noqa: E402
 
 
 def _random_params(model, *args, seed=0):
@@ -38,7 +38,7 @@ def test_timestep_embedding_matches():
 @pytest.fixture(scope="module")
 def denoiser():
   from hsijax.sdp.denoiser import SpectralDenoiser
-  from hsijax.torch_ref.sdp import SpectralDenoiser as TorchDenoiser
+  from benchmarks.torch_ref.sdp import SpectralDenoiser as TorchDenoiser
   B, H = 12, 32
   model = SpectralDenoiser(B, hidden=H)
   params = _random_params(model, jnp.ones((2, B)), 0)
@@ -59,7 +59,7 @@ def test_denoiser_forward_matches(denoiser):
 
 
 def test_load_flax_params_rejects_other_sizes(denoiser):
-  from hsijax.torch_ref.sdp import SpectralDenoiser as TorchDenoiser
+  from benchmarks.torch_ref.sdp import SpectralDenoiser as TorchDenoiser
   _, params, _ = denoiser
   with pytest.raises(ValueError, match="shape"):
     load_flax_params(TorchDenoiser(12, hidden=16), params)
@@ -78,7 +78,7 @@ def _scene(rng, H, B, b, ratio):
 def test_solver_loss_and_gradient_match(denoiser):
   from hsijax import degrade
   from hsijax.sdp import solver
-  from hsijax.torch_ref.sdp import SDPSolver
+  from benchmarks.torch_ref.sdp import SDPSolver
   model, params, tmodel = denoiser
   rng = np.random.default_rng(1)
   H, B, b, ratio = 16, 12, 3, 4
@@ -110,7 +110,7 @@ def test_solver_steps_match_library_solver(denoiser):
   """Three outer steps (K = 1) of the library solver equal the torch loop fed the same eps."""
   from hsijax import degrade
   from hsijax.sdp import solver
-  from hsijax.torch_ref.sdp import SDPSolver
+  from benchmarks.torch_ref.sdp import SDPSolver
   model, params, tmodel = denoiser
   rng = np.random.default_rng(2)
   H, B, b, ratio = 16, 12, 3, 4
@@ -134,7 +134,7 @@ def test_solver_steps_match_library_solver(denoiser):
 
 def test_unet_forward_matches():
   from hsijax.scdm.unet import CondUNet
-  from hsijax.torch_ref.scdm import CondUNet as TorchUNet
+  from benchmarks.torch_ref.scdm import CondUNet as TorchUNet
   # Two levels (one down / up sample), attention at level 1 and in the middle, 1x1 skips.
   kw = dict(base=8, channel_mults=(1, 2), attn_levels=(1,), groups=4)
   model = CondUNet(5, **kw)
@@ -160,7 +160,7 @@ def test_unet_forward_matches():
 
 def test_sdm_trainer_step_decreases_nothing_weird(denoiser):
   """The torch training step runs, returns a finite loss, moves weights and the EMA."""
-  from hsijax.torch_ref.sdp import SDMTrainer, SpectralDenoiser as TorchDenoiser, lr_lambda
+  from benchmarks.torch_ref.sdp import SDMTrainer, SpectralDenoiser as TorchDenoiser, lr_lambda
   _, params, _ = denoiser
   tm = load_flax_params(TorchDenoiser(12, hidden=32), params)
   before = tm.layer_0.weight.detach().clone()
@@ -179,7 +179,7 @@ def test_sampler_step_matches(method, scale, pdt):
   """One reverse step (ICMG: shared-encoder call here, a 2N batch in torch; PDT; DDPM / DDIM) equals the library's."""
   from hsijax.scdm import sampler
   from hsijax.scdm.unet import CondUNet
-  from hsijax.torch_ref.scdm import CondUNet as TorchUNet, Sampler
+  from benchmarks.torch_ref.scdm import CondUNet as TorchUNet, Sampler
   kw = dict(base=8, channel_mults=(1, 2), attn_levels=(), groups=4)
   model = CondUNet(4, **kw)
   rng = np.random.default_rng(6)

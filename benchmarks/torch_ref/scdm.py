@@ -1,7 +1,7 @@
 """PyTorch eager reference of the SCDM conditional U-Net and its sampler step.
 
 Mirrors hsijax/scdm/unet.py (same parameters and function; submodule names equal the flax
-names so `hsijax.torch_ref.load_flax_params` copies weights 1:1), written in the authors'
+names so `benchmarks.torch_ref.load_flax_params` copies weights 1:1), written in the authors'
 (DDPM PyTorch) style: NCHW tensors, 1x1 convolutions for attention, eager ops, the sampler a
 Python loop of `torch.no_grad()` steps. Both encoder streams (noisy input and condition) go
 through the shared encoder in one batched call, and ICMG evaluates the conditional and
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsijax.torch_ref import timestep_embedding
+from benchmarks.torch_ref import timestep_embedding
 
 TORCH_GROUPNORM_EPS = 1e-5
 

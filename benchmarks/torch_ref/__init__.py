@@ -4,8 +4,8 @@ Written the way the authors' PyTorch code runs: NCHW tensors, Python loops over 
 inner steps, one op at a time, `torch.optim.Adam` (L2 `weight_decay`), `torch.no_grad()` for
 sampling, float32, `torch.set_num_threads(os.cpu_count())`. Module names mirror the flax
 parameter trees, so `load_flax_params` copies JAX weights 1:1 and both sides compute the
-same function (tested in tests/test_torch_ref.py). Importing this package needs torch; it is
-only used by `launch.bench` and the tests, never by the library.
+same function (tested in tests/test_torch_ref.py). Importing this package needs torch; only
+the benchmarks (`benchmarks.workloads`) and the tests use it, never the library.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsijax.torch_ref import timestep_embedding
+from benchmarks.torch_ref import timestep_embedding
 
 TORCH_LAYERNORM_EPS = 1e-5
 

@@ -1,4 +1,4 @@
-"""Timing harness, FLOP counting and machine peaks for `launch.bench` (SPEC section 8).
+"""Timing harness, FLOP counting and machine peaks for the benchmarks (`launch.bench`).
 
 Three independent FLOP sources, so each number can be cross-checked:
 * analytic counters from the shapes (`denoiser_flops`, `sdp_solver_step_flops`,
