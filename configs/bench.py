@@ -1,4 +1,4 @@
-"""Benchmark presets for `launch.bench` (SPEC sections 7 and 8).
+"""Benchmark presets for `launch.bench`.
 
 Presets:
   cpu    every workload at sizes that finish in < 15 minutes on 2 CPU cores, JAX and the

@@ -237,5 +237,64 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def split_stage_list(config) -> list[dict]:
-  """The per-stage settings as plain dicts (ml_collections leaves ConfigDicts in lists)."""
+  """The per-stage sampling settings as plain dicts (ConfigDicts inside a list)."""
   return [dict(s.to_dict() if hasattr(s, "to_dict") else s) for s in config.stages]
+
+
+# ----------------------------------------------------------------------------- adapter
+# The one place where config fields become the library's settings.
+
+
+def unet_settings(cfg) -> dict:
+  m = cfg.model
+  return dict(base=int(m.base), channel_mults=tuple(int(v) for v in m.channel_mults),
+              num_res_down=int(m.num_res_down), num_res_up=int(m.num_res_up),
+              attn_levels=tuple(int(v) for v in m.attn_levels), mid_attn=bool(m.mid_attn),
+              dropout=float(m.dropout), groups=int(m.groups))
+
+
+def make_cascade(cfg, train_images, num_stages: int | None = None):
+  """The hsijax.scdm.Cascade of a config for (M, H, W, N) training cubes (original units):
+  the config's normaliser, or the cubes' mean / std (per band with data.norm_per_band)."""
+  from hsijax import scdm  # pylint: disable=g-import-not-at-top
+  num_stages = len(cfg.stages) if num_stages is None else int(num_stages)
+  fitted = scdm.Normaliser.fit(train_images, per_band=bool(cfg.data.norm_per_band))
+  mean = fitted.mean if cfg.data.norm_mean is None else cfg.data.norm_mean
+  std = fitted.std if cfg.data.norm_std is None else cfg.data.norm_std
+  return scdm.make_cascade(
+      int(train_images.shape[-1]), rgb_bands=tuple(cfg.data.rgb_bands), num_stages=num_stages,
+      counts=tuple(cfg.stage_counts) or None, norm_mean=mean, norm_std=std,
+      unet=unet_settings(cfg), prediction=str(cfg.model.prediction),
+      cond_rgb=bool(cfg.model.cond_rgb), schedule=str(cfg.diffusion.schedule),
+      num_timesteps=int(cfg.diffusion.num_timesteps))
+
+
+def train_settings(cfg) -> dict:
+  """hsijax.scdm.train settings (steps and key aside)."""
+  t = cfg.train
+  return dict(batch=int(t.batch), crop=int(t.crop), lr=float(t.lr),
+              lr_schedule=str(t.lr_schedule), ema_decay=float(t.ema_decay),
+              ema_start=int(t.ema_start), loss_type=str(t.loss_type),
+              sam_weight=float(t.sam_weight), cond_drop=float(t.cond_drop),
+              checkpoint_every=int(t.checkpoint_every), max_to_keep=int(t.max_to_keep),
+              log_every=int(t.log_every))
+
+
+def sample_settings(cfg) -> dict:
+  """hsijax.scdm.sample settings (key and per-stage settings aside)."""
+  s = cfg.sample
+  return dict(method=str(s.method), num_steps=None if s.num_steps is None else
+              int(s.num_steps), respacing=str(s.respacing), eta=float(s.eta),
+              tile=int(s.tile), overlap=int(s.overlap), tiles_per_call=int(s.tiles_per_call))
+
+
+def stages_to_train(cfg) -> list[int]:
+  """--config.stage: "all" or one stage index."""
+  n = len(cfg.stages)
+  sel = str(cfg.stage).strip().lower()
+  if sel == "all":
+    return list(range(n))
+  if sel.isdigit() and int(sel) < n:
+    return [int(sel)]
+  raise ValueError(f"--config.stage must be 'all' or a stage index in 0..{n - 1}, got "
+                   f"{cfg.stage!r}")

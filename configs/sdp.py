@@ -8,7 +8,7 @@ Presets:
                                      15 x 15), lam 0.1, gam 1e-3, solver lr 1e-3 / 1e-3 /
                                      2.5e-3, T = 1000, K = 3, 30k training steps.
   real      a user's own LR-HSI / HR-MSI pair (lam 1.0, gam 0.1, solver lr 8e-3).
-  crop      SPEC section 6: small real crops, ratio 4 (PSF 7 x 7), blind PSF / SRF.
+  crop      small real crops (the simulation protocol), ratio 4 (PSF 7 x 7), blind PSF / SRF.
   demo      the self-made synthetic scene of `launch.demo` (minutes on a laptop CPU).
 Modifiers:
   fast | paper   sets `budget` (number of training, solver and blind-estimation steps).
@@ -99,9 +99,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budgets = _budgets()
   # Blind PSF / SRF estimation is the default everywhere, as in the paper.
   c.known_operators = False
+  # Which methods fuse / evaluate_sdp run: "all" or a comma list of
+  # sdp, baseline, bicubic, detail_injection, subspace_ls.
+  c.methods = "all"
 
   c.model = ml_collections.ConfigDict()
-  c.model.num_bands = config_dict.placeholder(int)  # filled from the data
   c.model.hidden = 512
   c.model.num_layers = 5
   c.model.time_dim = 64
@@ -118,8 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.lr = 1e-2
   c.train.weight_decay = 1e-6
   c.train.ema = 0.999
-  # The lr decays linearly to 1/1000 over 10000 * decay_steps_scale steps, then stays flat.
-  c.train.decay_steps_scale = config_dict.placeholder(float)  # None -> budget
+  # The lr decays linearly to 1/1000 over decay_steps steps, then stays flat.
+  c.train.decay_steps = config_dict.placeholder(int)  # None -> budgets[budget]
   c.train.checkpoint_every = 1000
   c.train.log_every = 100
   c.train.fid_samples = 2048  # generated spectra for the spectral FID
@@ -144,7 +146,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.solver.tiles_per_call = 8
 
   c.blind = ml_collections.ConfigDict()
-  c.blind.enabled = True
   c.blind.steps = config_dict.placeholder(int)  # None -> budgets[budget].blind_steps
   c.blind.lr = config_dict.placeholder(float)   # None -> budgets[budget].blind_lr
   c.blind.psf_size = config_dict.placeholder(int)  # None -> 2 * ratio - 1
@@ -218,16 +219,14 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   b = c.budgets[c.budget]
   if c.train.steps is None:
     c.train.steps = int(b.train_steps)
-  if c.train.decay_steps_scale is None:
-    c.train.decay_steps_scale = float(b.train_decay_steps) / 10_000
+  if c.train.decay_steps is None:
+    c.train.decay_steps = int(b.train_decay_steps)
   if c.solver.num_steps is None:
     c.solver.num_steps = min(int(b.solver_steps), int(c.diffusion.num_timesteps))
   if c.blind.steps is None:
     c.blind.steps = int(b.blind_steps)
   if c.blind.lr is None:
     c.blind.lr = float(b.blind_lr)
-  if c.blind.psf_size is None:
-    c.blind.psf_size = 2 * int(c.data.ratio) - 1
   if int(c.solver.tile or 0) > 0:  # fail before any training, with the flag names
     from hsijax.sdp.tiled import check_tiling  # pylint: disable=g-import-not-at-top
     try:
@@ -241,3 +240,38 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"--config.solver.tile={c.solver.tile} must be >= 0 (0 = whole scene)")
   return c
 
+
+
+# ----------------------------------------------------------------------------- adapter
+# The one place where config fields become the library's keyword settings.
+
+
+def prior_settings(cfg: ml_collections.ConfigDict) -> dict:
+  """`hsijax.sdp.train_prior` settings of a resolved config (steps and key aside)."""
+  m, d, t = cfg.model, cfg.diffusion, cfg.train
+  return dict(hidden=int(m.hidden), num_layers=int(m.num_layers), time_dim=int(m.time_dim),
+              dropout=float(m.dropout), precision=str(cfg.precision),
+              schedule=str(d.schedule), num_timesteps=int(d.num_timesteps),
+              batch=int(t.batch), lr=float(t.lr), weight_decay=float(t.weight_decay),
+              ema=float(t.ema), decay_steps=int(t.decay_steps),
+              checkpoint_every=int(t.checkpoint_every), log_every=int(t.log_every))
+
+
+def fusion_settings(cfg: ml_collections.ConfigDict) -> dict:
+  """`hsijax.sdp.fuse` settings of a resolved config (steps, key and operators aside)."""
+  s, b, d = cfg.solver, cfg.blind, cfg.diffusion
+  return dict(lam=float(s.lam), gam=float(s.gam), lr=float(s.lr), K=int(s.K),
+              weight_decay=float(s.weight_decay), ema_decay=float(s.ema), init=str(s.init),
+              lr_scale=None if s.lr_scale is None else float(s.lr_scale),
+              respacing=str(d.respacing), blind_steps=int(b.steps), blind_lr=float(b.lr),
+              psf_size=None if b.psf_size is None else int(b.psf_size),
+              tile=int(s.tile or 0), tile_overlap=int(s.tile_overlap),
+              tiles_per_call=int(s.tiles_per_call), schedule=str(d.schedule),
+              num_timesteps=int(d.num_timesteps))
+
+
+def methods(cfg: ml_collections.ConfigDict) -> str:
+  """The methods to run ("all" = every method)."""
+  from hsijax.sdp import METHODS  # pylint: disable=g-import-not-at-top
+  value = str(cfg.get("methods", "all") or "all").strip()
+  return ",".join(METHODS) if value == "all" else value

@@ -38,6 +38,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+_ITEM = "default"  # the item folder CheckpointManager writes for a single unnamed item
+
+
 def _absolute(directory: os.PathLike | str) -> str:
   """Absolute local path; remote URLs (gs://, s3://) pass through unchanged."""
   directory = os.fspath(directory)
@@ -192,6 +195,30 @@ class Checkpointer:
       return self._manager.restore(int(step), args=ocp.args.StandardRestore())
     abstract = _abstract_target(target, shardings)
     return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+
+  def restore_part(self, part: Any, step: int | None = None) -> Any:
+    """Reads only the subtrees of checkpoint `step` named by `part` (default: latest).
+
+    `part` is a dict with some of the saved top-level keys, each mapping to an (abstract or
+    concrete) target of that subtree, e.g. {"ema_params": jax.eval_shape(...)}: only those
+    arrays are read (for inference, the optimiser state is never loaded). Arrays come back
+    as NumPy arrays.
+    """
+    self.wait()
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint found in {self.directory}; train first.")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+      raise FileNotFoundError(
+          f"No checkpoint for step {step} in {self.directory}; available steps: {steps}.")
+    item = os.path.join(self.directory, str(step), _ITEM)
+    abstract = jax.tree_util.tree_map(
+        lambda x: np.zeros(x.shape, x.dtype) if _is_array_like(x) else x, part)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    return ocp.PyTreeCheckpointer().restore(
+        item, args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args,
+                                          partial_restore=True))
 
   # -- lifetime --------------------------------------------------------------
 

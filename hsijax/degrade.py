@@ -1,6 +1,6 @@
 """Degradation operators and the synthetic (Wald) protocol for HSI/MSI fusion.
 
-Observation model (SPEC section 3), for a reference cube X of shape (H, W, B):
+Observation model (the SDP paper, eqs. 1-2), for a reference cube X of shape (H, W, B):
 
   Y = blur_down(X, psf, ratio) + E_y      LR-HSI, (H/r, W/r, B)
   Z = spectral_response(X, srf) + E_z     HR-MSI, (H, W, b)
@@ -119,13 +119,7 @@ def blur_down(x: jax.Array, psf: jax.Array, ratio: int, *,
       gradient (the gradient of a grouped strided conv is very slow on XLA:CPU).
     "conv": lax.conv_general_dilated with window_strides=(r, r) and
       feature_group_count=B (the natural choice on GPU/TPU).
-  Measured on 2 shared CPU cores (value + grad w.r.t. x, min/median ms):
-    64x64x103, k=15, r=8:   matmul 0.4/0.8,  conv 770/1010, full-res conv + slice 240/370
-    256x256x103, k=15, r=8: matmul 13/32,    conv 8700/14200, full-res 2400/4600
-    256x256x103, k=7, r=4:  matmul 14/17,    conv 2400/2700,  full-res 735/1060
-  (forward only, 256x256x103 k=15: matmul 10/24, conv 39/90). Other
-  formulations tried and slower: bands as the conv batch axis, per-shift
-  einsums, conv_general_dilated_patches + einsum.
+  (Timings of both and of the formulations tried: docs/benchmarks.md, "blur_down".)
 
   Args:
     x: (H, W, B) image; H and W must be multiples of `ratio`.
@@ -261,7 +255,7 @@ def srf_from_curves(curve_wavelengths_nm, curves, band_wavelengths_nm,
   return (srf / srf.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def ikonos_srf(band_wavelengths_nm, path=None) -> np.ndarray:
+def ikonos_srf(band_wavelengths_nm, path=None, bands=IKONOS_BANDS) -> np.ndarray:
   """IKONOS blue, green, red, NIR response resampled onto the cube's bands.
 
   Args:
@@ -270,10 +264,15 @@ def ikonos_srf(band_wavelengths_nm, path=None) -> np.ndarray:
       nir (e.g. ../shared/data/srf/ikonos.npz). Without it, Gaussian curves
       with the centres/FWHMs in IKONOS_GAUSSIAN_NM, truncated where they fall
       below 1e-3 of the peak (the real curves have finite support).
+    bands: which of ("blue", "green", "red", "nir") to return, e.g. the first
+      three for a scene that stops before the near infrared.
 
   Returns:
-    float32 (4, B), rows (blue, green, red, nir) summing to 1.
+    float32 (len(bands), B), one row per band, each summing to 1.
   """
+  unknown = [b for b in bands if b not in IKONOS_BANDS]
+  if unknown or not bands:
+    raise ValueError(f"unknown IKONOS band(s) {unknown or bands}; choose from {IKONOS_BANDS}")
   if path is not None:
     try:
       with np.load(path) as f:
@@ -293,7 +292,8 @@ def ikonos_srf(band_wavelengths_nm, path=None) -> np.ndarray:
       g = np.exp(-0.5 * ((wl - centre) / (fwhm / FWHM_PER_SIGMA)) ** 2)
       curves.append(np.where(g >= 1e-3, g, 0.0))
     curves = np.stack(curves)
-  return srf_from_curves(wl, curves, band_wavelengths_nm, names=IKONOS_BANDS)
+  pick = [IKONOS_BANDS.index(b) for b in bands]
+  return srf_from_curves(wl, curves[pick], band_wavelengths_nm, names=tuple(bands))
 
 
 # ----------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def add_noise(key: jax.Array, x: jax.Array, snr_db) -> jax.Array:
 
 
 def normalise_cube(cube) -> np.ndarray:
-  """Clip negatives to 0 and divide by the cube's max (SPEC section 6), float32."""
+  """Clip negatives to 0 and divide by the cube's max (each scene scaled to [0, 1]), float32."""
   cube = np.asarray(cube, np.float32)
   bad = int(np.size(cube) - np.count_nonzero(np.isfinite(cube)))
   if bad:
@@ -386,7 +386,7 @@ class WaldData(NamedTuple):
 def wald_protocol(cube, *, ratio: int, key: jax.Array, srf, snr_y_db: float | None = 20.0,
                   snr_z_db: float | None = 30.0, psf=None,
                   split: Literal["rows"] | None = "rows") -> WaldData:
-  """Simulate LR-HSI / HR-MSI from a real cube (SPEC sections 3 and 6).
+  """Simulate LR-HSI / HR-MSI from a real cube (Wald's protocol, as in the SDP paper's experiments).
 
   1. normalise_cube: clip negatives, divide by the max (whole cube).
   2. split="rows": the top H // 2 rows give the training spectra

@@ -37,6 +37,10 @@ class Schedule(NamedTuple):
 
 def linear_betas(num_timesteps: int = 1000) -> np.ndarray:
   """DDPM linear betas from 1e-4 to 2e-2, scaled by 1000 / T so any T spans the same noise."""
+  if num_timesteps <= 20:
+    raise ValueError(f"the linear schedule needs more than 20 timesteps (its last beta is "
+                     f"0.02 * 1000 / T < 1), got num_timesteps={num_timesteps}; use more "
+                     "timesteps (the paper: 1000) or the cosine schedule")
   scale = 1000.0 / num_timesteps
   return np.linspace(scale * 1e-4, scale * 2e-2, num_timesteps, dtype=np.float64)
 

@@ -1,7 +1,8 @@
 """Image-quality metrics for hyperspectral images, in JAX (jittable, float32).
 
-`hsijax.metrics_np` is an independent NumPy (float64) twin with the same names, signatures and
-conventions; the tests check that the two agree to 1e-5 (relative).
+An independent NumPy (float64) twin with the same names, signatures and conventions lives in
+tests/oracles/metrics_np.py; the tests check that the two agree to 1e-5 (relative; 5e-5 for the
+spectral FID, whose trace difference cancels digits in float32).
 
 Images are `(H, W, B)` (reference `x_ref`, estimate `x`); spectra sets are `(N, B)`. Every
 function returns a 0-d array (use `float(...)`), except `psnr_per_band` `(B,)` and the dict
@@ -272,6 +273,34 @@ def all_metrics(x_ref, x, ratio: float) -> dict[str, float]:
   one compiled program per shape and ratio."""
   vals = _all_metrics(x_ref, x, ratio)
   return {k: float(vals[k]) for k in ("psnr", "sam", "rmse", "ergas", "uiqi", "ssim")}
+
+
+@jax.jit
+def _reconstruction_metrics(x_ref, x):
+  return {"mpsnr": psnr(x_ref, x), "sam_deg": sam(x_ref, x), "sam_rad": sam(x_ref, x, False),
+          "mssim": ssim(x_ref, x), "rmse": rmse(x_ref, x)}
+
+
+def reconstruction_metrics(x_ref, x) -> dict[str, float]:
+  """{mpsnr, sam_deg, sam_rad, mssim, rmse} as floats: the SCDM tables (RGB -> HSI), in the
+  data's own units (RMSE) and with each reference band's max as the PSNR peak."""
+  return {k: float(v) for k, v in _reconstruction_metrics(x_ref, x).items()}
+
+
+# What every metrics.json records next to its numbers (the definitions in this module).
+CONVENTIONS = {
+    "psnr": "per band, peak = the reference band's max, then the mean over bands (MPSNR), dB",
+    "sam": "mean over pixels of the spectral angle, degrees (sam_rad: radians)",
+    "rmse": "over all pixels and bands, in the images' units",
+    "ergas": "(100 / ratio) sqrt(mean_b(RMSE_b^2 / mean_b^2))",
+    "uiqi": f"Wang-Bovik Q on {UIQI_WINDOW} x {UIQI_WINDOW} sliding windows, mean over "
+            "windows then bands",
+    "ssim": f"per band, {SSIM_SIZE} x {SSIM_SIZE} Gaussian window (sigma {SSIM_SIGMA}), "
+            f"K1 {SSIM_K1}, K2 {SSIM_K2}, data range = reference band max - min; mean over "
+            "bands (MSSIM)",
+    "qnr": f"(1 - D_lambda)(1 - D_s), Q on {QNR_BLOCK} x {QNR_BLOCK} HR blocks "
+           "(Alparone et al. 2008, p = q = 1)",
+}
 
 
 # ------------------------------------------------------------------------------ no reference

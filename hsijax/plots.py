@@ -45,35 +45,64 @@ def stretch_limits(rgb: np.ndarray, pct: float = 1.0) -> tuple[np.ndarray, np.nd
 
 
 def band_psnr(reference: np.ndarray, x: np.ndarray) -> np.ndarray:
-  """(B,) PSNR per band, peak = the reference band's max (as the MPSNR metric)."""
-  ref = np.asarray(reference, np.float64)
-  x = np.asarray(x, np.float64)
-  mse = np.mean((ref - x) ** 2, axis=(0, 1))
-  peak = ref.max(axis=(0, 1))
-  return 10 * np.log10(np.maximum(peak, 1e-12) ** 2 / np.maximum(mse, 1e-20))
+  """(B,) PSNR per band: `hsijax.metrics.psnr_per_band`, so its mean is the tables' MPSNR."""
+  from hsijax import metrics  # pylint: disable=g-import-not-at-top
+  return np.asarray(metrics.psnr_per_band(np.asarray(reference, np.float32),
+                                          np.asarray(x, np.float32)))
 
 
-def fusion_figure(reference: np.ndarray, results: Mapping[str, np.ndarray], *,
+def _score_label(name: str, scores: Mapping[str, Mapping[str, float]] | None) -> str:
+  """"name" plus its PSNR / SAM from the metrics table (the same numbers as metrics.json)."""
+  s = (scores or {}).get(name)
+  if not s:
+    return name
+  psnr = s.get("psnr", s.get("mpsnr"))
+  sam = s.get("sam", s.get("sam_deg"))
+  parts = [f"{psnr:.2f} dB" if psnr is not None else "", f"SAM {sam:.2f}°" if sam is not None
+           else ""]
+  return f"{name}\n" + ", ".join(p for p in parts if p)
+
+
+def fusion_figure(reference: np.ndarray | None, results: Mapping[str, np.ndarray], *,
                   wavelengths_nm: Sequence[float] | None = None,
                   inputs: Mapping[str, np.ndarray] | None = None,
-                  title: str | None = None) -> plt.Figure:
+                  title: str | None = None,
+                  scores: Mapping[str, Mapping[str, float]] | None = None,
+                  bands: Sequence[int] | None = None) -> plt.Figure:
   """Top row: false colour of the reference and each result (same stretch); bottom row:
   per-pixel RMSE over bands (same colour scale for all methods).
 
+  `scores` (method -> the metrics table's row) puts each method's PSNR / SAM and RMSE from
+  that table into the panel titles, so the figure and metrics.json show the same numbers.
+  `bands`: the (red, green, blue) bands to show (default from the wavelengths).
+
   Args:
-    reference: (H, W, B) ground truth.
-    results: method name -> (H, W, B) fused image.
+    reference: (H, W, B) ground truth, or None (then only the results' false colour).
+    results: method name -> (H, W, B) image.
     inputs: optional extra panels for the top row, e.g. {"LR-HSI": y (h, w, B)} (shown with
       the reference's bands and stretch) or {"HR-MSI": z (H, W, b)} (its first 3 bands).
   """
-  reference = np.asarray(reference, np.float32)
-  B = reference.shape[-1]
-  bands = false_colour_bands(B, wavelengths_nm)
-  limits = stretch_limits(reference[..., list(bands)])
+  has_ref = reference is not None
+  base = np.asarray(reference if has_ref else next(iter(results.values())), np.float32)
+  B = base.shape[-1]
+  bands = tuple(bands) if bands is not None else false_colour_bands(B, wavelengths_nm)
+  limits = stretch_limits(base[..., list(bands)])
   inputs = dict(inputs or {})
   names = list(results)
-  ncols = 1 + len(names) + len(inputs)
-  fig, axes = plt.subplots(2, ncols, figsize=(2.6 * ncols, 5.4), squeeze=False)
+  ncols = int(has_ref) + len(names) + len(inputs)
+  rows = 2 if has_ref else 1
+  fig, axes = plt.subplots(rows, ncols, figsize=(2.6 * ncols, 2.7 * rows + 0.3),
+                           squeeze=False)
+  if not has_ref:
+    for j, n in enumerate(names):
+      axes[0, j].imshow(false_colour(results[n], bands, limits))
+      axes[0, j].set_title(n, fontsize=9)
+      axes[0, j].set_xticks([])
+      axes[0, j].set_yticks([])
+    if title:
+      fig.suptitle(title)
+    return fig
+  reference = base
   errors = {n: np.sqrt(np.mean((np.asarray(results[n], np.float32) - reference) ** 2, -1))
             for n in names}
   vmax = max([float(np.percentile(e, 99)) for e in errors.values()] + [1e-6])
@@ -97,9 +126,11 @@ def fusion_figure(reference: np.ndarray, results: Mapping[str, np.ndarray], *,
   im = None
   for n in names:
     axes[0, col].imshow(false_colour(results[n], bands, limits))
-    axes[0, col].set_title(n)
+    axes[0, col].set_title(_score_label(n, scores), fontsize=9)
     im = axes[1, col].imshow(errors[n], cmap="magma", vmin=0, vmax=vmax)
-    axes[1, col].set_title(f"RMSE map ({errors[n].mean():.4f})", fontsize=9)
+    rmse = (scores or {}).get(n, {}).get("rmse")
+    axes[1, col].set_title("per-pixel RMSE" if rmse is None else
+                           f"per-pixel RMSE (RMSE {rmse:.4g})", fontsize=8)
     col += 1
   for ax in axes.ravel():
     ax.set_xticks([])
@@ -113,15 +144,19 @@ def fusion_figure(reference: np.ndarray, results: Mapping[str, np.ndarray], *,
 
 def band_psnr_figure(reference: np.ndarray, results: Mapping[str, np.ndarray], *,
                      wavelengths_nm: Sequence[float] | None = None,
-                     title: str | None = None) -> plt.Figure:
-  """PSNR of every band for each method (the paper's Fig. 9)."""
+                     title: str | None = None,
+                     scores: Mapping[str, Mapping[str, float]] | None = None) -> plt.Figure:
+  """PSNR of every band for each method (the paper's Fig. 9); the legend gives each
+  method's MPSNR from `scores` (the metrics table) when given."""
   reference = np.asarray(reference, np.float32)
   B = reference.shape[-1]
   x_axis = (np.asarray(wavelengths_nm, np.float64)
             if wavelengths_nm is not None and len(wavelengths_nm) == B else np.arange(B))
   fig, ax = plt.subplots(figsize=(6.4, 3.6))
   for name, x in results.items():
-    ax.plot(x_axis, band_psnr(reference, x), label=name, lw=1.4)
+    label = _score_label(name, scores).replace("\n", " (") + (")" if name in (scores or {})
+                                                              else "")
+    ax.plot(x_axis, band_psnr(reference, x), label=label, lw=1.4)
   ax.set_xlabel("wavelength (nm)" if x_axis.dtype.kind == "f" else "band")
   ax.set_ylabel("PSNR (dB)")
   ax.grid(alpha=0.3)

@@ -1,4 +1,4 @@
-"""Device mesh, shardings and multi-host setup (SPEC section 8).
+"""Device mesh, shardings and multi-host setup.
 
 The layout is the usual data-parallel one: a `jax.sharding.Mesh` built from the
 config (`("data",)` by default, optionally `("data", "model")`), parameters
@@ -216,6 +216,20 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   On several hosts every process must pass the same values.
   """
   return jax.device_put(tree, replicated(mesh))
+
+
+def put_global(x: Any, spec: NamedSharding) -> jax.Array:
+  """A host array that every process holds whole -> a global array with sharding `spec`."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host) sharded array as one NumPy array on every process."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def pad_to_multiple(x: Any, multiple: int, axis: int = 0) -> tuple[Any, int]:

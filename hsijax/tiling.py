@@ -13,7 +13,8 @@ Y line up with the high-resolution windows of Z).
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import contextlib
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,15 +177,51 @@ def border_distance(grid: TileGrid, halo: int = 0) -> np.ndarray:
   return out
 
 
-def map_tiles(fn: Callable[..., jax.Array], grid: TileGrid, *images_and_scales,
-              batch_fn: Callable | None = None, halo: int = 0) -> jax.Array:
-  """Applies fn to matching windows of several images and blends the (tile, tile, C) outputs.
+def map_tiles(fn: Callable[..., jax.Array], grid: TileGrid,
+              inputs: Sequence[tuple[np.ndarray, int]], *, tiles_per_call: int,
+              mesh: jax.sharding.Mesh | None = None, halo: int = 0, desc: str | None = None,
+              steps_per_call: int = 0) -> np.ndarray:
+  """Runs `fn` on every window of `grid`, a chunk of windows per call, and blends the outputs.
 
-  images_and_scales: pairs (image, scale); e.g. (z, 1), (y, ratio) for SDP.
-  batch_fn: how to map fn over the window axis (default jax.vmap; pass a sharded map to spread
-  windows over devices).
+  The one tile loop of the library (SDP windows, SCDM tiles). Windows are cut on the host,
+  `tiles_per_call` at a time (rounded up to a multiple of the mesh's `data` axis, the last
+  chunk padded by repeating its last window), placed on the devices sharded over `data`,
+  and the (n, t, t, C) outputs are gathered back and blended with `blend_weights(grid,
+  halo)` into running sums, so host memory holds the scene and device memory one chunk.
+
+  Args:
+    fn: fn(call_index, starts (n, 2) int32, *windows) -> (n, tile, tile, C), windows being
+      one (n, tile / scale, tile / scale, C_i) array per input, all sharded over `data`.
+      call_index numbers the chunks (e.g. to fold a key).
+    grid: the windows (`make_grid`).
+    inputs: (image, scale) pairs: image (H / scale, W / scale, C_i) on the host.
+    tiles_per_call: windows per call.
+    mesh: mesh with a `data` axis (default: all devices).
+    halo: blend halo (see `blend_weights`).
+    desc: progress label (None: no bar); each call opens a bar of `steps_per_call` steps
+      that jitted code inside fn advances with `progress.tick`.
+
+  Returns:
+    (H, W, C) float32 NumPy array.
   """
-  pairs = list(zip(images_and_scales[::2], images_and_scales[1::2]))
-  windows = [extract(img, grid, scale) for img, scale in pairs]
-  out = (batch_fn or jax.vmap)(fn)(*windows)
-  return merge(out, grid, halo)
+  from hsijax import progress, sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh() if mesh is None else mesh
+  data = sharding.data_sharded(mesh)
+  weights = blend_weights(grid, halo)
+  n = len(grid.starts)
+  t = grid.tile
+  acc, norm = None, np.zeros((grid.height, grid.width, 1), np.float32)
+  calls = list(chunks(n, tiles_per_call, mesh.shape[sharding.DATA_AXIS]))
+  for c, (idx, n_real) in enumerate(calls):
+    starts = grid.starts[idx]
+    windows = [np.stack([np.asarray(img)[r // s:(r + t) // s, col // s:(col + t) // s]
+                         for r, col in starts]) for img, s in inputs]
+    args = [sharding.put_global(w, data) for w in windows]
+    label = None if desc is None else f"{desc} {idx[0] + 1}-{idx[0] + n_real}/{n}"
+    with progress.bar(steps_per_call, desc=label) if label else contextlib.nullcontext():
+      out = sharding.to_host(fn(c, sharding.put_global(starts.astype(np.int32), data),
+                                *args))
+    if acc is None:
+      acc = np.zeros((grid.height, grid.width, out.shape[-1]), np.float32)
+    accumulate(acc, norm, out[:n_real], starts[:n_real], weights[idx[:n_real]])
+  return acc / norm

@@ -1,18 +1,24 @@
-"""Shared scaffolding for `python -m launch.<name>` entry points."""
+"""What every `python -m launch.<name>` shares: flags, workdir, input files, tables."""
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import pathlib
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging as absl_logging
 
-from hsijax import sharding
-from hsijax.fileio import atomic_write as _atomic_write
+from hsijax import data, fileio, sharding
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Writers shared with the library (atomic, process 0 only, umask modes).
+write_json, write_text, save_npz, save_figure = (fileio.write_json, fileio.write_text,
+                                                 fileio.save_npz, fileio.save_figure)
+to_builtin = fileio.to_builtin
 
 
 def setup(workdir: str | os.PathLike | None) -> pathlib.Path:
@@ -39,61 +45,29 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def to_builtin(obj: Any) -> Any:
-  """Recursively converts numpy / jax scalars and arrays to JSON-serialisable Python values.
-
-  Non-finite floats become the strings "inf", "-inf" and "nan" (strict JSON has no Infinity;
-  PSNR of identical images is +inf).
-  """
-  if isinstance(obj, float) and not np.isfinite(obj):
-    return str(obj)
-  if isinstance(obj, dict):
-    return {str(k): to_builtin(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [to_builtin(v) for v in obj]
-  if isinstance(obj, (np.ndarray, jax.Array)):
-    arr = np.asarray(obj)
-    return to_builtin(arr.item()) if arr.ndim == 0 else to_builtin(arr.tolist())
-  if isinstance(obj, np.generic):
-    return to_builtin(obj.item())
-  if isinstance(obj, pathlib.Path):
-    return str(obj)
-  return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
-  """Writes `obj` as indented JSON atomically (temp file, then rename); process 0 only."""
-  if jax.process_index() != 0:
-    return pathlib.Path(path)
-  text = json.dumps(to_builtin(obj), indent=2, sort_keys=False, allow_nan=False)
-  return _atomic_write(path, lambda f: f.write(text + "\n"))
-
-
-def write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
-  """Writes `text` atomically (temp file, then rename); process 0 only."""
-  if jax.process_index() != 0:
-    return pathlib.Path(path)
-  return _atomic_write(path, lambda f: f.write(text))
-
-
-def save_npz(path: str | os.PathLike, **arrays: Any) -> pathlib.Path:
-  """np.savez atomically; process 0 only."""
-  if jax.process_index() != 0:
-    return pathlib.Path(path)
-  host = {k: np.asarray(v) for k, v in arrays.items()}
-  return _atomic_write(path, lambda f: np.savez(f, **host), mode="wb")
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> pathlib.Path:
-  """Saves a matplotlib figure as PNG atomically and closes it; process 0 only."""
-  import matplotlib.pyplot as plt
+@contextlib.contextmanager
+def naming(flag: str, spec: str):
+  """Re-raises a reader's error with the flag and value that led to it."""
   try:
-    if jax.process_index() == 0:
-      _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi,
-                                                 bbox_inches="tight"), mode="wb")
-  finally:
-    plt.close(fig)
-  return pathlib.Path(path)
+    yield
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise type(e)(f"{flag}={spec}: {e}") from e
+
+
+def load_input(spec: str, flag: str, ndim: tuple[int, ...] = (3,),
+               default_key: str | None = None) -> np.ndarray:
+  """FILE[:KEY] as float32, with errors that name the flag; checks the dimensions."""
+  if not spec:
+    raise ValueError(f"{flag} is empty; pass {flag}=FILE[:KEY]")
+  path, key = data.parse_path_key(spec)
+  with naming(flag, spec):
+    a = np.asarray(data.load_array(path, key or default_key,
+                                   ndim=ndim[0] if len(ndim) == 1 else None), np.float32)
+  if a.ndim not in ndim:
+    raise ValueError(f"{flag}={spec} is {a.shape}; expected "
+                     f"{' or '.join(f'{n}-D' for n in ndim)} (images are rows x columns x "
+                     "bands); pick the right FILE:KEY")
+  return a
 
 
 def config_to_dict(cfg) -> dict:
@@ -117,17 +91,30 @@ def format_table(rows: dict[str, dict[str, float]], keys: list[str] | None = Non
   return "\n".join(lines)
 
 
+def _resolve_config_path(argv: list[str]) -> list[str]:
+  """--config=configs/x.py[:arg] works from any directory: a path that does not exist here
+  is looked up in the installed package's checkout."""
+  out = []
+  for a in argv:
+    if a.startswith("--config="):
+      path, sep, arg = a[len("--config="):].partition(":")
+      if not os.path.exists(path) and (REPO / path).is_file():
+        a = f"--config={REPO / path}{sep}{arg}"
+    out.append(a)
+  return out
+
+
 def run_main(run_fn, default_config: str, default_workdir: str, what: str = "Config") -> None:
   """The `__main__` of an entry point: defines --config / --workdir and calls run_fn(cfg, dir).
 
   Flags are defined here, at run time rather than import time, so tests can import every
   entry point in one process.
   """
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
-  config_flags.DEFINE_config_file("config", default_config, f"{what} file and preset.",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file("config", str(REPO / default_config), f"{what} file and "
+                                  "preset.", lock_config=True)
   flags.DEFINE_string("workdir", default_workdir, "Output folder.")
 
   def main(argv):
@@ -135,4 +122,4 @@ def run_main(run_fn, default_config: str, default_workdir: str, what: str = "Con
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     run_fn(flags.FLAGS.config, flags.FLAGS.workdir)
 
-  app.run(main)
+  app.run(main, argv=_resolve_config_path(sys.argv))

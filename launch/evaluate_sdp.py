@@ -1,25 +1,48 @@
-"""SDP on one real cube under the SPEC section 6 protocol (Wald simulation of a crop).
+"""SDP on one real cube under the simulation protocol (Wald's protocol on a crop).
 
     python -m launch.evaluate_sdp --config=configs/sdp.py:crop \
         --config.data.path=../shared/data/cubes/pavia_centre_crop.npz \
         [--config.data.key=cube] [--config.data.wavelengths_nm=430:860] \
-        [--config.budget=fast] --workdir=workdirs/eval
+        [--config.methods=sdp,baseline,subspace_ls] [--config.budget=fast] --workdir=workdirs/eval
 
 The cube is normalised (negatives clipped, divided by its max); its top half trains the
-spectral model, its bottom half (cropped to a multiple of the ratio) is the reference, from
+spectral prior, its bottom half (cropped to a multiple of the ratio) is the reference, from
 which the LR-HSI (PSF blur, decimation, 20 dB noise) and HR-MSI (IKONOS SRF, 30 dB noise) are
-simulated. SDP, Baseline (gam = 0) and the classical methods run with blind PSF / SRF unless
---config.known_operators=True.
+simulated. Every method runs with blind PSF / SRF unless --config.known_operators=True.
+Library call: hsijax.sdp.evaluate_cube.
 
 Writes DIR/metrics.json = {"sdp": {psnr, sam, rmse, ergas, uiqi}, "baseline": {...},
-"<classical method>": {...}, "seconds": {...}}, DIR/run.json (details), DIR/fusion.png,
-DIR/band_psnr.png and DIR/checkpoints/ (the spectral model; a rerun resumes from it).
+"<classical method>": {...}, "seconds": {...}, "conventions": {...}}, DIR/run.json (details),
+DIR/fusion.png, DIR/band_psnr.png and DIR/checkpoints/ (the prior; a rerun resumes from it).
 """
 from __future__ import annotations
 
-
 from configs import sdp as sdp_config
-from launch import common, sdp_pipeline
+from hsijax import metrics, sharding
+from hsijax import sdp
+from launch import common, report, scenes
+
+
+def evaluate(cfg, workdir, scene: scenes.Scene, title: str | None = None) -> dict:
+  """Runs the protocol on `scene` with a resolved config; writes every output file."""
+  ev = sdp.evaluate_cube(
+      scene.cube, wavelengths_nm=scene.wavelengths_nm, key=cfg.seed, ratio=cfg.data.ratio,
+      snr_y_db=cfg.data.snr_y_db, snr_z_db=cfg.data.snr_z_db, srf_path=cfg.data.srf_path,
+      known_operators=cfg.known_operators, train_steps=cfg.train.steps,
+      prior_settings=sdp_config.prior_settings(cfg), steps=cfg.solver.num_steps,
+      methods=sdp_config.methods(cfg), workdir=workdir, mesh=sharding.make_mesh(cfg.mesh),
+      **sdp_config.fusion_settings(cfg))
+  common.log(f"scene: {scene.description}; reference {ev.reference.shape}, LR-HSI "
+             f"{ev.y.shape}, HR-MSI {ev.z.shape}")
+  table = {**ev.table, "conventions": metrics.CONVENTIONS}
+  common.write_json(workdir / "run.json", {"scene": scene.description, **ev.details,
+                                           "config": common.config_to_dict(cfg)})
+  common.write_json(workdir / "metrics.json", table)
+  report.save_fusion_figures(workdir, ev.reference, ev.methods.results, ev.table,
+                             wavelengths_nm=scene.wavelengths_nm, y=ev.y,
+                             title=title or scene.description)
+  report.print_table(table)
+  return table
 
 
 def run(config, workdir: str) -> dict:
@@ -29,11 +52,7 @@ def run(config, workdir: str) -> dict:
   if not cfg.data.path:
     raise ValueError("evaluate_sdp needs a cube: pass --config.data.path=FILE.npz "
                      "(e.g. ../shared/data/cubes/pavia_centre_crop.npz)")
-  scene = sdp_pipeline.load_scene(cfg)
-  table, details = sdp_pipeline.evaluate_scene(scene, cfg, workdir)
-  common.write_json(workdir / "run.json", details)
-  common.write_json(workdir / "metrics.json", table)
-  sdp_pipeline.print_table(table)
+  table = evaluate(cfg, workdir, scenes.load_scene(cfg))
   common.log(f"wrote {workdir / 'metrics.json'} and figures in {workdir}")
   return table
 

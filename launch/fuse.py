@@ -1,49 +1,34 @@
-"""SDP on a user's own LR-HSI and HR-MSI (SPEC section 7).
+"""SDP on a user's own LR-HSI and HR-MSI.
 
     python -m launch.fuse --config=configs/sdp.py:real \
         --config.data.hsi=lr_hsi.npz:Y --config.data.msi=hr_msi.npz:Z \
         [--config.data.reference=ref.npz:X] [--config.data.train_pixels=clean.npz:pixels] \
         [--config.data.psf=psf.npz:psf] [--config.data.srf=srf.npz:srf] \
-        [--config.budget=fast] --workdir=workdirs/fuse
+        [--config.methods=sdp,baseline] [--config.budget=fast] --workdir=workdirs/fuse
 
-Inputs are FILE[:KEY] (.npz / .mat / .h5 / .tif / .npy): the LR-HSI (h, w, B) and the HR-MSI
-(H, W, b) with H = r h, W = r w for any integer ratio r (inferred from the shapes). The PSF
-(k, k) and SRF (b, B) are estimated blindly unless given; the spectral model is trained on the
-LR-HSI's pixels unless clean `train_pixels` (N, B) or (n, m, B) are given. Negative values are
-clipped and the data scaled to [0, 1] (`data.scale`: joint | separate | none); the output is
-returned in the LR-HSI's original units.
+Inputs are FILE[:KEY] (.npz / .mat / .h5 / .tif / .npy / ENVI): the LR-HSI (h, w, B) and the
+HR-MSI (H, W, b), H = r h, W = r w for any integer ratio r (from the shapes). PSF (k, k) and
+SRF (b, B) are estimated blindly unless given; the prior is trained on the LR-HSI's pixels
+unless clean `train_pixels` are given. Both images are scaled to [0, 1] (`data.scale`) and
+the output is returned in the LR-HSI's units. Library calls: hsijax.sdp.scale_pair,
+check_pair, train_prior, run_methods.
 
-Writes DIR/fused.npz (X: the SDP result (H, W, B); also X_baseline, psf, srf, scale),
-DIR/metrics.json {"sdp": {d_lambda, d_s, qnr[, psnr, sam, rmse, ergas, uiqi]}, "baseline":
-{...}, "<classical method>": {...}, "seconds": {...}} (full-reference metrics only with a
-reference), DIR/run.json, DIR/checkpoints/, and with a reference DIR/fusion.png and
+Writes DIR/fused.npz (X: SDP (H, W, B); X_baseline; psf, srf, scale), DIR/metrics.json
+({method: {d_lambda, d_s, qnr[, psnr, sam, rmse, ergas, uiqi]}, "seconds", "conventions"}),
+DIR/run.json, DIR/checkpoints/ and DIR/prior.json, and with a reference DIR/fusion.png and
 DIR/band_psnr.png.
-
-Large scenes: `--config.solver.tile=64 --config.solver.tile_overlap=16
---config.solver.tiles_per_call=8` solves overlapping windows (multiples of the ratio) sharded
-over the devices, in bounded memory (hsijax.sdp.tiled; docs/scaling.md).
 """
 from __future__ import annotations
 
 import time
 
-import ml_collections
+import jax
 import numpy as np
 
 from configs import sdp as sdp_config
-from hsijax import data
-from launch import common, sdp_pipeline
-
-
-def _load(spec: str, flag: str, ndim: tuple[int, ...]) -> np.ndarray:
-  try:
-    a = np.asarray(data.load_array(spec), np.float32)
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise type(e)(f"{flag}={spec}: {e}") from e
-  if a.ndim not in ndim:
-    raise ValueError(f"{flag}={spec} is {a.shape}; expected {' or '.join(f'{n}-D' for n in ndim)}"
-                     f" (images are rows x columns x bands); pick the right FILE:KEY")
-  return sdp_pipeline.check_finite(a, spec, flag)
+from hsijax import metrics, sharding
+from hsijax import sdp
+from launch import common, report
 
 
 def load_inputs(cfg) -> dict:
@@ -51,51 +36,31 @@ def load_inputs(cfg) -> dict:
   if not cfg.data.hsi or not cfg.data.msi:
     raise ValueError("fuse needs both images: pass --config.data.hsi=FILE[:KEY] (LR-HSI, "
                      "h x w x B) and --config.data.msi=FILE[:KEY] (HR-MSI, H x W x b)")
-  y = _load(cfg.data.hsi, "--config.data.hsi", (3,))
-  z = _load(cfg.data.msi, "--config.data.msi", (3,))
-  ratio = sdp_pipeline.infer_ratio(y.shape, z.shape)
-  if z.shape[-1] >= y.shape[-1]:
-    raise ValueError(f"the HR-MSI has {z.shape[-1]} bands and the LR-HSI {y.shape[-1]}; the "
-                     f"hyperspectral image must have more bands (did you swap "
-                     f"--config.data.hsi and --config.data.msi?)")
-  psf = _load(cfg.data.psf, "--config.data.psf", (2,)) if cfg.data.psf else None
-  srf = _load(cfg.data.srf, "--config.data.srf", (2,)) if cfg.data.srf else None
-  sdp_pipeline.check_operators(psf, srf, y.shape[-1], z.shape[-1])
-  if psf is not None:
-    psf = psf / psf.sum()
-  ref = None
-  if cfg.data.reference:
-    ref = _load(cfg.data.reference, "--config.data.reference", (3,))
-    want = z.shape[:2] + y.shape[-1:]
-    if ref.shape != want:
-      raise ValueError(f"reference is {ref.shape} but must be (H, W, B) = {want} (HR-MSI "
-                       f"size, LR-HSI bands); fix --config.data.reference")
-  pixels = None
-  if cfg.data.train_pixels:
-    pixels = _load(cfg.data.train_pixels, "--config.data.train_pixels", (2, 3))
+  y = common.load_input(cfg.data.hsi, "--config.data.hsi")
+  z = common.load_input(cfg.data.msi, "--config.data.msi")
+  opt = lambda spec, flag, nd: common.load_input(spec, flag, nd) if spec else None
+  psf = opt(cfg.data.psf, "--config.data.psf", (2,))
+  srf = opt(cfg.data.srf, "--config.data.srf", (2,))
+  ratio = sdp.check_pair(y, z, psf=psf, srf=srf, psf_size=cfg.blind.psf_size,
+                         names=("--config.data.hsi", "--config.data.msi"))
+  y, z, scale = sdp.scale_pair(y, z, cfg.data.scale)
+  ref = opt(cfg.data.reference, "--config.data.reference", (3,))
+  if ref is not None and ref.shape != z.shape[:2] + y.shape[-1:]:
+    raise ValueError(f"reference is {ref.shape} but must be (H, W, B) = "
+                     f"{z.shape[:2] + y.shape[-1:]} (HR-MSI size, LR-HSI bands); fix "
+                     "--config.data.reference")
+  pixels = opt(cfg.data.train_pixels, "--config.data.train_pixels", (2, 3))
+  if pixels is not None:
     pixels = pixels.reshape(-1, pixels.shape[-1])
     if pixels.shape[-1] != y.shape[-1]:
       raise ValueError(f"train_pixels have {pixels.shape[-1]} bands but the LR-HSI has "
                        f"{y.shape[-1]}; give clean spectra of the same sensor")
-
-  y, z = np.maximum(y, 0), np.maximum(z, 0)
-  if cfg.data.scale == "joint":
-    s_y = s_z = float(max(y.max(), z.max()))
-  elif cfg.data.scale == "separate":
-    s_y, s_z = float(y.max()), float(z.max())
-  elif cfg.data.scale == "none":
-    s_y = s_z = 1.0
-  else:
-    raise ValueError(f"unknown data.scale {cfg.data.scale!r}; use joint, separate or none")
-  if not (s_y > 0 and s_z > 0):
-    raise ValueError("an input image is all zeros (or negative); check --config.data.hsi / msi")
   return {
-      "y": y / s_y, "z": z / s_z, "ratio": ratio, "psf": psf, "srf": srf,
-      "reference": None if ref is None else np.maximum(ref, 0) / s_y,
-      "train_pixels": (y / s_y).reshape(-1, y.shape[-1]) if pixels is None
-                      else np.clip(np.maximum(pixels, 0) / s_y, 0, 1),
+      "y": y, "z": z, "ratio": ratio, "psf": psf, "srf": srf, "scale": scale,
+      "reference": None if ref is None else np.maximum(ref, 0) / scale["hsi"],
+      "train_pixels": y.reshape(-1, y.shape[-1]) if pixels is None
+                      else np.clip(np.maximum(pixels, 0) / scale["hsi"], 0, 1),
       "pixel_source": "LR-HSI" if pixels is None else cfg.data.train_pixels,
-      "scale": {"hsi": s_y, "msi": s_z},
   }
 
 
@@ -103,39 +68,46 @@ def run(config, workdir: str) -> dict:
   """Runs with a (possibly unresolved) SDP config; returns what metrics.json holds."""
   workdir = common.setup(workdir)
   t_start = time.perf_counter()
-  inp = load_inputs(config)
+  cfg = sdp_config.resolve(config)
+  methods = sdp_config.methods(cfg)
+  inp = load_inputs(cfg)
   y, z, ratio = inp["y"], inp["z"], inp["ratio"]
-  raw = ml_collections.ConfigDict(config.to_dict())
-  raw.data.ratio = ratio  # the ratio comes from the shapes (and sets the blind PSF size)
-  cfg = sdp_config.resolve(raw)
-  common.log(f"LR-HSI {y.shape}, HR-MSI {z.shape}, ratio {ratio}; spectral model on "
-             f"{inp['train_pixels'].shape[0]} pixels of {inp['pixel_source']}")
-  model, params, info = sdp_pipeline.train_prior(inp["train_pixels"], cfg, workdir)
-  fusion = sdp_pipeline.fuse_all(y, z, cfg, model=model, params=params, psf=inp["psf"],
-                                 srf=inp["srf"])
-  table = sdp_pipeline.no_reference_table(fusion.results, y, z, ratio)
+  settings = sdp.FusionSettings.from_kwargs(**sdp_config.fusion_settings(cfg))
+  if settings.tile:
+    sdp.tiled.check_tiling(settings.tile, settings.tile_overlap, ratio, settings.tiles_per_call)
+  mesh = sharding.make_mesh(cfg.mesh)
+  prior = None
+  if "sdp" in sdp.evaluate.check_methods(methods):
+    common.log(f"LR-HSI {y.shape}, HR-MSI {z.shape}, ratio {ratio}; spectral prior on "
+               f"{inp['train_pixels'].shape[0]} pixels of {inp['pixel_source']}")
+    prior = sdp.train_prior(inp["train_pixels"], steps=cfg.train.steps, key=cfg.seed,
+                            workdir=workdir, mesh=mesh, **sdp_config.prior_settings(cfg))
+  out = sdp.run_methods(y, z, prior=prior, key=jax.random.fold_in(jax.random.key(cfg.seed), 1),
+                        methods=methods, psf=inp["psf"], srf=inp["srf"],
+                        steps=cfg.solver.num_steps, mesh=mesh, **sdp_config.fusion_settings(cfg))
+  table = sdp.no_reference_table(out.results, y, z, ratio)
   if inp["reference"] is not None:
-    full = sdp_pipeline.reference_table(inp["reference"], fusion.results, ratio)
+    full = sdp.reference_table(inp["reference"], out.results, ratio)
     table = {k: {**full[k], **v} for k, v in table.items()}
-  seconds = {"train": info["seconds"], **fusion.seconds, "total": time.perf_counter() - t_start}
+  seconds = {"train": prior.info["seconds"] if prior else 0.0, **out.seconds,
+             "total": time.perf_counter() - t_start}
   s_y = inp["scale"]["hsi"]
-  common.save_npz(workdir / "fused.npz", X=fusion.results["sdp"] * s_y,
-                  X_baseline=fusion.results["baseline"] * s_y, psf=fusion.psf, srf=fusion.srf,
-                  scale=np.float32(s_y))
-  result = {**table, "seconds": seconds}
+  main = "sdp" if "sdp" in out.results else next(iter(out.results))
+  extra = {"X_baseline": out.results["baseline"] * s_y} if "baseline" in out.results else {}
+  common.save_npz(workdir / "fused.npz", X=out.results[main] * s_y, **extra, psf=out.psf,
+                  srf=out.srf, scale=np.float32(s_y))
+  result = {**table, "seconds": seconds, "conventions": metrics.CONVENTIONS}
   common.write_json(workdir / "metrics.json", result)
   common.write_json(workdir / "run.json", {
-      "ratio": ratio, "blind": fusion.blind, "scale": inp["scale"],
-      "train": {"final_loss": info["final_loss"], "steps": info["steps"]},
+      "ratio": ratio, "blind": out.blind, "scale": inp["scale"], "methods": list(out.results),
+      "output_X": main, "train": report.prior_summary(prior),
       "config": common.config_to_dict(cfg)})
   if inp["reference"] is not None:
-    sdp_pipeline.save_figures(workdir, inp["reference"],
-                              {sdp_pipeline.LABELS.get(k, k): v
-                               for k, v in fusion.results.items()}, y=y)
-    sdp_pipeline.print_table(table)
+    report.save_fusion_figures(workdir, inp["reference"], out.results, table, y=y)
+    report.print_table(table)
   else:
     common.log(common.format_table(table, ["d_lambda", "d_s", "qnr"]))
-  common.log(f"wrote {workdir / 'fused.npz'} and {workdir / 'metrics.json'}")
+  common.log(f"wrote {workdir / 'fused.npz'} (X = {main}) and {workdir / 'metrics.json'}")
   return result
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from configs import scdm as scdm_config
-from hsijax import metrics_np, sharding
+from hsijax import metrics, scdm
 from hsijax.checkpoint import Checkpointer
-from launch import evaluate_scdm, sample_scdm, train_scdm
+from hsijax.scdm import evaluate as scdm_eval
+from launch import sample_scdm, scdm_data, train_scdm
 
 
 def _cube(path, h=32, w=32, b=8, seed=0):
@@ -74,21 +75,24 @@ def test_presets_follow_the_paper():
   assert len(scdm_config.get_config("tiny,stages=1").stages) == 1
   assert len(scdm_config.get_config("tiny,stages=3").stages) == 3
   # 3 stages: the eq. 12 rule by default, the paper's ablation counts in the paper presets.
-  t3 = scdm_config.get_config("tiny,stages=3")
-  meta = train_scdm.make_meta(t3, 48, 0.0, 1.0)
-  assert [len(b) for b in meta["band_sets"]] == [7, 19, 48]
+  cube48 = np.random.default_rng(0).uniform(1, 2, (1, 8, 8, 48))
+  bands = lambda cfg, n=None: [len(b) for b in
+                               scdm_config.make_cascade(cfg, cube48, n).band_sets]
+  assert bands(scdm_config.get_config("tiny,stages=3")) == [7, 19, 48]
   h3 = scdm_config.get_config("paper_houston,stages=3")
-  assert [len(b) for b in train_scdm.make_meta(h3, 48, 0.0, 1.0)["band_sets"]] == [12, 24, 48]
+  assert bands(h3) == [12, 24, 48]
   assert tuple(scdm_config.get_config("paper_pavia_centre,stages=3").stage_counts) == \
       (12, 34, 102)
-  assert [len(b) for b in train_scdm.make_meta(h3, 48, 0.0, 1.0, num_stages=1)[
-      "band_sets"]] == [48]
+  assert bands(h3, 1) == [48]
+  assert scdm_config.make_cascade(h3, cube48).norm_mean == 3693.0  # the paper's normaliser
   with h3.unlocked():
     h3.stage_counts = (12, 48)
   with pytest.raises(ValueError, match="one band count per stage"):
-    train_scdm.make_meta(h3, 48, 0.0, 1.0)
+    scdm_config.make_cascade(h3, cube48)
   assert c.model.prediction == "eps"  # the paper's target
-  assert train_scdm.prediction_of({"model": {}}) == "eps"  # runs from before the option
+  legacy = scdm.make_cascade(8, rgb_bands=(0, 3, 6)).to_json()
+  legacy["model"].pop("prediction")  # an scdm_meta.json from before the option
+  assert scdm.Cascade.from_json(legacy).prediction == "eps"
   with pytest.raises(ValueError, match="stages=1"):
     scdm_config.get_config("tiny,stages=5")
   with pytest.raises(ValueError, match="preset"):
@@ -106,8 +110,7 @@ def _one_level(cfg):
   return cfg
 
 
-@pytest.mark.slow  # ~45 s of CPU: two stage compiles, the cascade sampler, Orbax saves
-def test_train_and_sample_end_to_end(tmp_path):
+def test_train_and_sample_end_to_end(tmp_path):  # ~45 s of CPU: two stage compiles, sampler
   cube = _cube(tmp_path / "cube.npz")
   cfg = _one_level(_cfg(tmp_path / "cube.npz", **{"train.checkpoint_every": 100}))
   wd = tmp_path / "run"
@@ -117,9 +120,9 @@ def test_train_and_sample_end_to_end(tmp_path):
   assert all(np.isfinite(metrics[k]["final_loss"]) and metrics[k]["steps"] == 2
              for k in metrics)
   assert Checkpointer(wd / "stage1" / "checkpoints").latest_step() == 2
-  meta = json.loads((wd / "scdm_meta.json").read_text())
+  meta = json.loads((wd / "cascade.json").read_text())
   assert meta["band_sets"] == [[0, 2, 4, 6], list(range(8))]
-  train = np.stack(train_scdm.quadrants(cube)[:3])
+  train = np.stack(scdm_eval.quadrants(cube)[:3])
   np.testing.assert_allclose(meta["norm_mean"], train.mean((0, 1, 2)), rtol=1e-5)  # per band
   np.testing.assert_allclose(meta["norm_std"], train.std((0, 1, 2)), rtol=1e-5)
 
@@ -131,10 +134,22 @@ def test_train_and_sample_end_to_end(tmp_path):
   for key in ("mpsnr", "sam_deg", "sam_rad", "mssim", "rmse"):
     assert key in saved and key in out
   assert "stage0" in saved  # training entries kept
-  ref = train_scdm.quadrants(cube)[3]
-  np.testing.assert_allclose(saved["rmse"], metrics_np.rmse(ref, x), rtol=1e-6)
-  np.testing.assert_allclose(saved["sam_rad"], np.deg2rad(saved["sam_deg"]), rtol=1e-6)
-  assert (wd / "samples.png").is_file()
+  ref = scdm_eval.quadrants(cube)[3]
+  np.testing.assert_allclose(saved["rmse"], np.sqrt(np.mean((ref - x) ** 2.0)), rtol=1e-5)
+  np.testing.assert_allclose(saved["sam_rad"], np.deg2rad(saved["sam_deg"]), rtol=1e-5)
+  assert (wd / "samples.png").is_file() and "conventions" in saved
+  # The library verbs give the entry point's cube bit for bit (same weights, settings, key).
+  casc = scdm.load(wd)
+  lib = scdm.sample(casc, ref[..., list(cfg.data.rgb_bands)],
+                    key=jax.random.fold_in(jax.random.key(int(cfg.seed)), 1_000_003),
+                    stages=scdm_config.split_stage_list(cfg), **scdm_config.sample_settings(cfg))
+  np.testing.assert_array_equal(lib, x)
+  # Any image size samples (padded to the U-Net's factor inside, cropped back).
+  odd = scdm.sample(casc, ref[:13, :11, list(cfg.data.rgb_bands)], key=0, num_steps=2,
+                    method="ddim", tile=16, show_progress=False)
+  assert odd.shape == (13, 11, 8) and np.all(np.isfinite(odd))
+  with pytest.raises(ValueError, match="2-stage cascade"):
+    sample_scdm.run(_cfg(tmp_path / "cube.npz", stages=[cfg.stages[0]]), wd)
 
 
 def _tiny_resume_cfg(path, steps):
@@ -169,22 +184,6 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
   assert first["steps"] == 4
 
 
-def test_tiled_sampling_matches_untiled_for_a_pixelwise_map(tmp_path):
-  """Overlapping tiles, padding to the device count and blending give back a per-pixel
-  map exactly (the fake cascade below is pixelwise, so tiling cannot change it)."""
-  mesh = sharding.make_mesh(None)
-  w = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
-
-  def fake_cascade(params, rgb, key):
-    del key
-    return rgb @ params
-
-  rgb = np.random.default_rng(1).normal(size=(40, 24, 3)).astype(np.float32)
-  x = sample_scdm.sample_image(fake_cascade, w, rgb, jax.random.key(0), mesh, tile=16,
-                               tiles_per_call=3, factor=4)
-  np.testing.assert_allclose(x, rgb @ w, rtol=1e-5, atol=1e-5)
-
-
 # ---------------------------------------------------------------------------------- errors
 
 
@@ -194,23 +193,17 @@ def test_sampling_errors_name_stage_and_fix(tmp_path):
   wd = tmp_path / "run"
   with pytest.raises(FileNotFoundError, match="launch.train_scdm"):
     sample_scdm.run(cfg, wd)  # nothing trained at all
-  train_scdm.prepare(cfg, wd)  # metadata only, no checkpoints
+  train = scdm_eval.split_cube(np.load(tmp_path / "cube.npz")["cube"], "quadrant")[0]
+  scdm.train(scdm_config.make_cascade(cfg, train), train, steps=0, key=0, workdir=wd,
+             stages=[], **scdm_config.train_settings(cfg))  # cascade.json only
   with pytest.raises(FileNotFoundError, match=r"stage 0 .*--config.stage=0"):
     sample_scdm.run(cfg, wd)
   np.savez(tmp_path / "rgba.npz", rgb=np.ones((16, 16, 4), np.float32))
   with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
-    sample_scdm.run(_cfg(tmp_path / "cube.npz", **{"data.rgb": f"{tmp_path}/rgba.npz:rgb"}),
-                    wd)
-  np.savez(tmp_path / "odd.npz", rgb=np.ones((17, 16, 3), np.float32))
-  with pytest.raises(ValueError, match=r"multiples of 2; crop it to 16 x 16 or pad it to "
-                     r"18 x 16"):
-    sample_scdm.run(_cfg(tmp_path / "cube.npz", **{"data.rgb": f"{tmp_path}/odd.npz:rgb"}),
-                    wd)
-  with pytest.raises(ValueError, match=r"multiples of 4; crop it to 16 x 16 or pad it to "
-                     r"20 x 16"):
-    sample_scdm.check_rgb(np.ones((18, 16, 3)), {"model": {"channel_mults": (1, 2, 2)}})
-  with pytest.raises(ValueError, match="2-stage cascade"):
-    sample_scdm.run(_cfg(tmp_path / "cube.npz", stages=[cfg.stages[0]]), wd)
+    scdm_data.sampling_inputs(_cfg(tmp_path / "cube.npz",
+                                   **{"data.rgb": f"{tmp_path}/rgba.npz:rgb"}), 8, (0, 3, 6))
+  with pytest.raises(ValueError, match="no parameters"):
+    scdm.sample(scdm.make_cascade(8, rgb_bands=(0, 1, 2)), np.ones((4, 4, 3)), key=0)
 
 
 def test_training_errors(tmp_path):
@@ -228,43 +221,57 @@ def test_training_errors(tmp_path):
     train_scdm.run(_cfg(path, **{"train.batch": 4}), tmp_path / "e")
   with pytest.raises(FileNotFoundError):
     train_scdm.run(_cfg(tmp_path / "missing.npz"), tmp_path / "f")
-  # A second run with another model in the same folder refuses to mix stages.
-  train_scdm.prepare(_cfg(path), tmp_path / "g")
-  with pytest.raises(ValueError, match="different model"):
-    train_scdm.prepare(_cfg(path, **{"model.base": 16}), tmp_path / "g")
+  # A second run with another model (or seed) in the same folder refuses to mix stages.
+  train = scdm_eval.split_cube(np.load(path)["cube"], "quadrant")[0]
+  prepare = lambda cfg, seed=0: scdm.train(scdm_config.make_cascade(cfg, train), train,
+                                           steps=0, key=seed, workdir=tmp_path / "g",
+                                           stages=[], **scdm_config.train_settings(cfg))
+  prepare(_cfg(path))
+  with pytest.raises(ValueError, match=r"other inputs \(model"):
+    prepare(_cfg(path, **{"model.base": 16}))
+  with pytest.raises(ValueError, match="training key differs"):
+    prepare(_cfg(path), seed=1)
 
 
 def test_scores_and_table():
   rng = np.random.default_rng(0)
-  ref = rng.uniform(1, 2, size=(12, 12, 5))
-  s = sample_scdm.scores(ref, ref * 1.0)
-  assert s["rmse"] == 0 and s["sam_deg"] < 1e-5 and s["mpsnr"] == np.inf and s["mssim"] == 1
+  ref = rng.uniform(1, 2, size=(12, 12, 5)).astype(np.float32)
+  s = metrics.reconstruction_metrics(ref, ref * 1.0)
+  assert s["rmse"] == 0 and s["sam_deg"] < 1e-3 and s["mpsnr"] == np.inf and s["mssim"] == 1
   x = ref * 2.0  # same spectral angles, RMSE = rms(ref)
-  s = sample_scdm.scores(ref, x)
-  assert s["sam_deg"] < 1e-5
-  np.testing.assert_allclose(s["rmse"], np.sqrt(np.mean(ref ** 2)))
-  table = evaluate_scdm.markdown_table({"linear": s}, {"linear": 0.5})
+  s = metrics.reconstruction_metrics(ref, x)
+  assert s["sam_deg"] < 1e-3
+  np.testing.assert_allclose(s["rmse"], np.sqrt(np.mean(ref.astype(np.float64) ** 2)),
+                             rtol=1e-6)
+  table = scdm_eval.markdown_table({"linear": s}, {"linear": 0.5})
   assert table.count("\n") == 3 and "| linear |" in table
-  assert evaluate_scdm.generated_bands(6, (4, 1, 2)) == [0, 3, 5]
+  assert scdm_eval.generated_bands(6, (4, 1, 2)) == [0, 3, 5]
 
 
 def test_normaliser_scalar_and_per_band(tmp_path):
   rng = np.random.default_rng(0)
-  train = rng.uniform(100, 5000, size=(3, 4, 4, 6)) * np.linspace(0.1, 1, 6)
+  train = rng.uniform(100, 5000, size=(3, 4, 4, 8)) * np.linspace(0.1, 1, 8)
   cfg = _cfg(tmp_path / "unused.npz", **{"data.norm_per_band": False})
-  mean, std = train_scdm.resolve_normaliser(cfg, train)
-  np.testing.assert_allclose([mean, std], [train.mean(), train.std()], rtol=1e-12)
+  c = scdm_config.make_cascade(cfg, train)
+  np.testing.assert_allclose([c.norm_mean, c.norm_std], [train.mean(), train.std()], rtol=1e-12)
   cfg.data.norm_per_band = True
-  mean, std = train_scdm.resolve_normaliser(cfg, train)
-  np.testing.assert_allclose(mean, train.mean((0, 1, 2)), rtol=1e-12)
-  np.testing.assert_allclose(std, train.std((0, 1, 2)), rtol=1e-12)
-  meta = {"norm_mean": mean, "norm_std": std}
-  z = train_scdm.encode(meta, train)
+  c = scdm_config.make_cascade(cfg, train)
+  np.testing.assert_allclose(c.norm_mean, train.mean((0, 1, 2)), rtol=1e-6)
+  np.testing.assert_allclose(c.norm_std, train.std((0, 1, 2)), rtol=1e-6)
+  z = c.encode(train)
   np.testing.assert_allclose(z.mean((0, 1, 2)), 0, atol=1e-4)
   np.testing.assert_allclose(z.std((0, 1, 2)), 1, atol=1e-4)
-  np.testing.assert_allclose(train_scdm.decode(meta, z), train, rtol=1e-5)
+  np.testing.assert_allclose(c.decode(z), train, rtol=1e-5)
   # A band subset (e.g. the RGB bands) uses those bands' statistics.
-  np.testing.assert_allclose(train_scdm.encode(meta, train[..., [0, 3, 5]], [0, 3, 5]),
-                             z[..., [0, 3, 5]], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(c.encode(train[..., [0, 3, 5]], [0, 3, 5]), z[..., [0, 3, 5]],
+                             rtol=1e-5, atol=1e-5)
   cfg.data.norm_mean, cfg.data.norm_std = 3693.0, 7410.0  # fixed values win
-  assert train_scdm.resolve_normaliser(cfg, train) == (3693.0, 7410.0)
+  c = scdm_config.make_cascade(cfg, train)
+  assert (c.norm_mean, c.norm_std) == (3693.0, 7410.0)
+  # A constant band cannot be normalised per band: a clear error, not a division by zero.
+  train[..., 2] = 7.0
+  cfg.data.norm_mean = cfg.data.norm_std = None
+  with pytest.raises(ValueError, match=r"band\(s\) \[2\].*constant"):
+    scdm_config.make_cascade(cfg, train)
+  # The JSON round trip keeps every field.
+  assert scdm.Cascade.from_json(json.loads(json.dumps(c.to_json()))) == c

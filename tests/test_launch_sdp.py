@@ -14,7 +14,8 @@ import pytest
 from configs import sdp as sdp_config
 from hsijax import degrade, synthetic
 from hsijax.checkpoint import Checkpointer
-from launch import demo, evaluate_sdp, fuse, sdp_pipeline, train_sdm
+from hsijax import sdp
+from launch import demo, evaluate_sdp, fuse, train_sdm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {"sdp", "baseline", "bicubic", "detail_injection", "subspace_ls"}
@@ -36,7 +37,7 @@ def _tiny(cfg, steps=3):
 
 
 def _check_table(table, methods=METHODS, keys=FULL_REF):
-  assert set(table) == set(methods) | {"seconds"}
+  assert set(table) == set(methods) | {"seconds", "conventions"}
   for name in methods:
     vals = table[name]
     assert set(keys) <= set(vals), name
@@ -67,14 +68,19 @@ def test_config_presets_and_budget():
   assert (c.data.ratio, c.solver.lam, c.solver.gam, c.solver.lr, c.solver.K) == (
       8, 0.1, 1e-3, 2.5e-3, 3)
   r = sdp_config.resolve(c)
-  assert (r.train.steps, r.solver.num_steps, r.blind.steps, r.blind.psf_size) == (
-      30000, 1000, 5000, 15)
+  assert (r.train.steps, r.train.decay_steps, r.solver.num_steps, r.blind.steps) == (
+      30000, 10000, 1000, 5000)
+  assert r.blind.psf_size is None  # the library's 2 ratio - 1 for the ratio of the data
+  assert sdp_config.prior_settings(r)["decay_steps"] == 10000
+  assert sdp_config.fusion_settings(r)["lr"] == 2.5e-3
+  assert sdp.FusionSettings(**sdp_config.fusion_settings(r)).lam == 0.1
+  assert sdp.PriorSettings(**sdp_config.prior_settings(r)).hidden == 512
   real = sdp_config.get_config("real")
   assert (real.solver.lam, real.solver.gam, real.solver.lr) == (1.0, 0.1, 8e-3)
   crop = sdp_config.get_config("crop,fast")
   assert crop.budget == "fast" and not crop.known_operators and crop.data.ratio == 4
   r = sdp_config.resolve(crop)
-  assert r.blind.psf_size == 7 and r.solver.num_steps < 1000 and r.train.steps < 30000
+  assert r.solver.num_steps < 1000 and r.train.steps < 30000 and r.train.decay_steps == 2500
   crop.train.steps = 7  # an explicit value wins over the budget
   assert sdp_config.resolve(crop).train.steps == 7
   assert sdp_config.get_config("crop,known").known_operators
@@ -192,6 +198,33 @@ def test_fuse_end_to_end_with_reference(tmp_path):
   assert run["ratio"] == 2 and run["blind"] is True
 
 
+def test_library_fuse_reproduces_launch_fuse_bit_for_bit(tmp_path):
+  # Acceptance: the public API with the same settings and seed returns the same X as the
+  # entry point (which is a shell over the same calls).
+  _fuse_inputs(tmp_path)
+  cfg = _fuse_cfg(tmp_path)
+  cfg.methods = "sdp,baseline"
+  fuse.run(cfg, str(tmp_path / "out"))
+  r = sdp_config.resolve(cfg)
+  y, z, scale = sdp.scale_pair(np.load(tmp_path / "lr.npz")["Y"],
+                               np.load(tmp_path / "hr.npz")["Z"])
+  prior = sdp.train_prior(y.reshape(-1, y.shape[-1]), steps=r.train.steps, key=r.seed,
+                          **sdp_config.prior_settings(r))
+  key = jax.random.fold_in(jax.random.key(r.seed), 1)
+  got = sdp.fuse(y, z, prior=prior, key=key, steps=r.solver.num_steps,
+                 **sdp_config.fusion_settings(r))
+  base = sdp.fuse(y, z, key=key, psf=got.psf, srf=got.srf, steps=r.solver.num_steps,
+                  **sdp_config.fusion_settings(r))
+  with np.load(tmp_path / "out" / "fused.npz") as f:
+    np.testing.assert_array_equal(got.x * scale["hsi"], f["X"])
+    np.testing.assert_array_equal(base.x * scale["hsi"], f["X_baseline"])
+    np.testing.assert_array_equal(got.psf, f["psf"])
+  # Only the asked methods ran and were scored.
+  table = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  assert set(table) == {"sdp", "baseline", "seconds", "conventions"}
+  assert "UIQI" in table["conventions"]["uiqi"] or "Q" in table["conventions"]["uiqi"]
+
+
 @pytest.mark.slow
 def test_fuse_without_reference_known_operators(tmp_path):
   _fuse_inputs(tmp_path)
@@ -250,10 +283,10 @@ def test_fuse_rejects_nan_and_swapped_inputs(tmp_path):
 
 
 def test_infer_ratio_any_divisor():
-  assert sdp_pipeline.infer_ratio((5, 7, 30), (15, 21, 4)) == 3
-  assert sdp_pipeline.infer_ratio((4, 4, 30), (32, 32, 4)) == 8
+  assert sdp.infer_ratio((5, 7, 30), (15, 21, 4)) == 3
+  assert sdp.infer_ratio((4, 4, 30), (32, 32, 4)) == 8
   with pytest.raises(ValueError, match="rows, columns, bands"):
-    sdp_pipeline.infer_ratio((4, 4), (8, 8, 3))
+    sdp.infer_ratio((4, 4), (8, 8, 3))
 
 
 # ----------------------------------------------------------------------------- CLI contract
@@ -277,3 +310,24 @@ def test_evaluate_sdp_command_line(tmp_path):
   assert "sdp" in proc.stdout and "psnr" in proc.stdout  # the printed table
   run = json.loads((out / "run.json").read_text())
   assert "wavelengths: config" in run["scene"]
+
+
+def test_entry_point_runs_from_any_directory_and_logs_progress(tmp_path):
+  # From a folder that holds no configs/: the config path resolves against the package; in a
+  # non-terminal (CI, batch logs) progress comes as plain log lines.
+  cmd = [sys.executable, "-m", "launch.train_sdm", "--config=configs/sdp.py:demo",
+         "--config.data.height=16", "--config.data.width=8", "--config.data.num_bands=10",
+         "--config.data.num_endmembers=3", "--config.model.hidden=16",
+         "--config.diffusion.num_timesteps=40", "--config.train.batch=16",
+         "--config.train.steps=4", "--config.train.log_every=2", "--config.train.fid_samples=30",
+         "--workdir=out"]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env.pop("HSIJAX_PROGRESS", None)
+  proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "SDM train: 4/4 steps (100%)" in proc.stdout and "loss" in proc.stdout
+  assert (tmp_path / "out" / "metrics.json").is_file()
+  assert (tmp_path / "out" / "prior.json").is_file()
+  prior = sdp.load_prior(tmp_path / "out")
+  assert prior.num_bands == 10 and prior.info["steps"] == 4

@@ -1,4 +1,4 @@
-"""Tests for hsijax.metrics (JAX) and hsijax.metrics_np (NumPy twin).
+"""Tests for hsijax.metrics (JAX) against hand-computed values and tests/oracles/metrics_np.py.
 
 Hand-computed values are checked against BOTH modules; then the two are checked against each
 other (1e-5 relative) on random data, and against brute-force per-window loops written here.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hsijax import metrics as mj
-from hsijax import metrics_np as mn
+from oracles import metrics_np as mn
 
 
 @pytest.fixture(params=["jax", "numpy"])
@@ -391,7 +391,9 @@ def test_jax_matches_numpy(name):
   }
   got, want = np.asarray(calls[name](mj)), np.asarray(calls[name](mn))
   assert np.all(np.isfinite(want)) and np.any(want != 0)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # The FID is a difference of traces of similar size: float32 keeps ~1e-5 of it (1.6e-5
+  # measured on one Xeon), so it gets 5e-5; everything else 1e-5.
+  np.testing.assert_allclose(got, want, rtol=5e-5 if name == "spectral_fid" else 1e-5)
 
 
 def test_all_metrics_dicts_agree():

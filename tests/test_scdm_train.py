@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hsijax import diffusion
-from hsijax.scdm import train
+from hsijax.scdm import training as train
 from hsijax.scdm.unet import CondUNet
 
 # A single-level U-Net keeps compiles short; the training code does not care about depth.
@@ -167,7 +167,7 @@ def test_fit_resumes_to_the_uninterrupted_result(tmp_path):
   x = rng.normal(size=(2, 12, 12, 4)).astype(np.float32)
   cond = rng.normal(size=(2, 12, 12, 3)).astype(np.float32)
   kw = dict(schedule=SCHED, batch_size=8, crop_size=8, learning_rate=1e-3, ema_start=2,
-            ema_decay=0.9, log_every=1, checkpoint_every=2)
+            ema_decay=0.9, log_every=1, checkpoint_every=2, key=jax.random.key(3))
   full, hist = train.fit(model, x, cond, num_steps=4, workdir=tmp_path / "a", **kw)
   train.fit(model, x, cond, num_steps=2, workdir=tmp_path / "b", **kw)
   resumed, hist_b = train.fit(model, x, cond, num_steps=4, workdir=tmp_path / "b", **kw)

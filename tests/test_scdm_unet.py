@@ -86,7 +86,7 @@ def test_param_count_by_hand_small_config():
 
 
 def _derived_count(out_ch, cond_ch, base, mults, n_down, n_up, attn_levels, mid_attn):
-  """Parameter count derived from the architecture description (SPEC section 4)."""
+  """Parameter count derived from the architecture description (the SCDM paper, the authors' code)."""
   temb = 4 * base
   total = dense(base, temb) + dense(temb, temb) + conv(3, out_ch, base) + conv(3, cond_ch, base)
   ch, skips = base, [base]

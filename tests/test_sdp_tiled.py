@@ -142,25 +142,35 @@ def test_bad_tiling_raises_with_the_fix():
 
 
 def test_config_tiling_reaches_the_tiled_solver(monkeypatch):
-  from launch import sdp_pipeline
+  from hsijax import sdp
+  from hsijax.sdp import fusion
   seen = {}
 
   def fake(model, schedule, **kwargs):
     seen.update(kwargs, num_steps=schedule.num_steps)
-    return "tiled"
+    return lambda params, y, z, psf, srf, key: np.zeros(z.shape[:2] + y.shape[-1:],
+                                                        np.float32)
 
-  monkeypatch.setattr(sdp_pipeline.sdp, "make_tiled_solver", fake)
+  monkeypatch.setattr(fusion.tiled, "make_tiled_solver", fake)
+  fusion._cached_solver.cache_clear()
   cfg = sdp_config.get_config("crop,fast")
   cfg.solver.tile, cfg.solver.tile_overlap, cfg.solver.tiles_per_call = 64, 8, 4
   cfg = sdp_config.resolve(cfg)
-  model, _ = _model()
-  assert sdp_pipeline.make_fusion_solver(model, 4, cfg, gam=0.5, desc="x") == "tiled"
-  assert (seen["tile"], seen["overlap"], seen["tiles_per_call"], seen["ratio"]) == (64, 8, 4, 4)
-  assert seen["gam"] == 0.5 and seen["lam"] == cfg.solver.lam and seen["K"] == cfg.solver.K
-  assert seen["mesh"].shape["data"] == jax.device_count()
-  assert seen["num_steps"] == cfg.solver.num_steps
-  # tile = 0 (the default) keeps the whole-scene solver.
-  cfg.solver.tile = 0
-  seen.clear()
-  assert callable(sdp_pipeline.make_fusion_solver(model, 4, cfg, gam=0.5, desc="x"))
-  assert not seen
+  model, params = _model()
+  prior = sdp.Prior(model, params, num_timesteps=1000)
+  y, z, psf, srf = _scene(64)
+  kw = dict(prior=prior, key=0, psf=psf, srf=srf, steps=2)
+  try:
+    sdp.fuse(y, z, **kw, **sdp_config.fusion_settings(cfg))
+    assert (seen["tile"], seen["overlap"], seen["tiles_per_call"], seen["ratio"]) == (64, 8, 4,
+                                                                                      4)
+    assert seen["gam"] == cfg.solver.gam and seen["lam"] == cfg.solver.lam
+    assert seen["K"] == cfg.solver.K and seen["num_steps"] == 2
+    assert seen["mesh"].shape["data"] == jax.device_count()
+    # tile = 0 (the default) keeps the whole-scene solver.
+    cfg.solver.tile = 0
+    seen.clear()
+    sdp.fuse(y, z, **kw, **sdp_config.fusion_settings(cfg))
+    assert not seen
+  finally:
+    fusion._cached_solver.cache_clear()

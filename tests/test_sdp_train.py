@@ -4,7 +4,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -114,26 +113,18 @@ def test_data_parallel_step_matches_single_device(dropout):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-def _config(steps):
-  c = ml_collections.ConfigDict()
-  c.seed = 5
-  c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
-  c.model = ml_collections.ConfigDict(
-      {"num_bands": None, "hidden": HID, "num_layers": 5, "time_dim": 64, "dropout": 0.001})
-  c.diffusion = ml_collections.ConfigDict({"schedule": "linear", "num_timesteps": 50})
-  c.train = ml_collections.ConfigDict(
-      {"batch": 16, "steps": steps, "lr": 1e-2, "weight_decay": 1e-6, "ema": 0.999,
-       "checkpoint_every": 3, "log_every": 1})
-  return c
+SMALL = dict(hidden=HID, num_timesteps=50, batch=16, checkpoint_every=3, log_every=1)
 
 
 def test_fit_resume_equals_uninterrupted(tmp_path):
   pixels = _pixels(200)
-  full, hist = train.fit(pixels, _config(6), workdir=tmp_path / "a", show_progress=False)
+  settings = train.PriorSettings(**SMALL)
+  fit = lambda steps, d: train.fit(pixels, steps=steps, key=5, settings=settings,
+                                   workdir=tmp_path / d, show_progress=False)
+  full, hist = fit(6, "a")
   assert hist["step"] == [1, 2, 3, 4, 5, 6] and np.all(np.isfinite(hist["loss"]))
-  train.fit(pixels, _config(3), workdir=tmp_path / "b", show_progress=False)   # "killed"
-  resumed, hist_b = train.fit(pixels, _config(6), workdir=tmp_path / "b",
-                              show_progress=False)
+  fit(3, "b")                                   # "killed"
+  resumed, hist_b = fit(6, "b")
   # The history covers the whole run (the first process's part is read back from disk).
   assert hist_b["step"] == [1, 2, 3, 4, 5, 6]
   np.testing.assert_array_equal(hist_b["loss"], hist["loss"])
@@ -143,11 +134,17 @@ def test_fit_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_fit_rejects_bad_input():
+def test_fit_and_settings_reject_bad_input():
   with pytest.raises(ValueError, match="reshape"):
-    train.fit(np.zeros((4, 4, 8), np.float32), _config(1))
-  with pytest.raises(ValueError, match="resolve"):
-    train.fit(_pixels(20), _config(None))
+    train.fit(np.zeros((4, 4, 8), np.float32), steps=1, key=0)
+  with pytest.raises(ValueError, match="steps"):
+    train.fit(_pixels(20), steps=-5, key=0)
+  with pytest.raises(TypeError, match="valid names.*hidden"):
+    train.PriorSettings.from_kwargs(hiden=3)
+  with pytest.raises(ValueError, match="precision"):
+    train.PriorSettings(precision="half")
+  with pytest.raises(ValueError, match="schedule"):
+    train.PriorSettings(schedule="quadratic")
 
 
 def test_sample_spectra_and_fid():
@@ -161,15 +158,10 @@ def test_sample_spectra_and_fid():
   assert np.isfinite(fid) and fid > 0.0
 
 
-def test_model_from_config_precision_and_donation():
-  c = _config(1)
-  model = train.model_from_config(c, B)
-  assert model.precision == "default" and model.hidden == HID   # field absent: unchanged
-  c.precision = "bfloat16"
-  assert train.model_from_config(c, B).precision == "bfloat16"
-  c.precision = "half"
-  with pytest.raises(ValueError, match="precision"):
-    train.model_from_config(c, B)
+def test_settings_build_the_model_and_donation_rule():
+  model = train.PriorSettings(hidden=HID).model(B)
+  assert (model.num_bands, model.hidden, model.precision) == (B, HID, "default")
+  assert train.PriorSettings(precision="bfloat16").model(B).precision == "bfloat16"
   # CPU: the train step is not donated (measured faster); accelerators would donate.
   assert train.donate_state(sharding.make_mesh(None)) is False
 

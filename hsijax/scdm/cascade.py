@@ -5,7 +5,7 @@ the last stage generates all N. Stage 0 is conditioned on the RGB image, stage k
 bands of stage k - 1 (during training the true bands, during sampling the previous stage's
 output), optionally with the RGB image appended (`include_rgb`).
 
-Band counts (SPEC section 4, paper eq. 12): with S stages, n_k = floor(3 (N / 3)^(k / S)),
+Band counts (the SCDM paper, eq. 12): with S stages, n_k = floor(3 (N / 3)^(k / S)),
 k = 1..S, i.e. equal band multipliers from the 3 RGB bands to N; for S = 2 this is the
 paper's n = floor(3 sqrt(N / 3)) (Houston N = 48 -> 12, Pavia Centre N = 102 -> 17). The
 paper's 3-stage ablation used other counts ((12, 24, 48) and (12, 34, 102), in
@@ -14,12 +14,15 @@ PAPER_STAGE_COUNTS); pass them as `counts`. A stage with n of N bands takes indi
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from hsijax.scdm.unet import CondUNet
 
 # Authors' RGB bands for Houston (0-based; the paper's 1-based bands 23, 12, 5).
 HOUSTON_RGB_BANDS = (4, 11, 22)
@@ -153,11 +156,222 @@ class Normaliser(NamedTuple):
     cube = np.asarray(cube, np.float64)
     axes = tuple(range(cube.ndim - 1)) if per_band else None
     std = cube.std(axis=axes)
+    if np.any(std <= 0):
+      which = (f"band(s) {np.flatnonzero(np.atleast_1d(std) <= 0).tolist()} of the" if per_band
+               else "the")
+      raise ValueError(f"{which} training cube is constant, so (x - mean) / std is undefined; "
+                       "drop dead bands, use one global normaliser (norm_per_band=False) or "
+                       "give norm_mean / norm_std")
     return cls(cube.mean(axis=axes).astype(np.float32) if per_band else float(cube.mean()),
-               np.maximum(std, 1e-12).astype(np.float32) if per_band else
-               float(max(std, 1e-12)))
+               std.astype(np.float32) if per_band else float(std))
 
 
 NORMALISERS = {
     "houston": Normaliser(3693.0, 7410.0),
 }
+
+
+# ----------------------------------------------------------------------------- the cascade
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetSettings:
+  """The sizes of every stage's CondUNet (the paper's values are the defaults)."""
+  base: int = 128
+  channel_mults: tuple[int, ...] = (1, 2, 2, 2, 2, 2, 2)
+  num_res_down: int = 2
+  num_res_up: int = 3
+  attn_levels: tuple[int, ...] = (3,)
+  mid_attn: bool = True
+  dropout: float = 0.1
+  groups: int = 32
+
+  def __post_init__(self):
+    object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
+    object.__setattr__(self, "attn_levels", tuple(int(m) for m in self.attn_levels))
+
+  @property
+  def factor(self) -> int:
+    """The U-Net's downsampling factor 2 ** (levels - 1): inputs are multiples of it."""
+    return 2 ** (len(self.channel_mults) - 1)
+
+  def model(self, out_channels: int) -> CondUNet:
+    return CondUNet(out_channels=int(out_channels), base=int(self.base),
+                    channel_mults=self.channel_mults, num_res_down=int(self.num_res_down),
+                    num_res_up=int(self.num_res_up), attn_levels=self.attn_levels,
+                    mid_attn=bool(self.mid_attn), dropout=float(self.dropout),
+                    groups=int(self.groups))
+
+
+def _floats(v: Any) -> float | tuple[float, ...]:
+  return float(v) if np.ndim(v) == 0 else tuple(float(x) for x in np.ravel(v))
+
+
+CASCADE_FORMAT = "hsijax.scdm.cascade/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cascade:
+  """A spectral cascade: which bands each stage makes, from what, in which units.
+
+  Attributes:
+    num_bands: N, bands of the output cube.
+    band_sets: per stage, the indices (into the N bands) it generates; the last is all N.
+    rgb_bands: the three band indices that form the RGB condition (R, G, B order as given).
+    norm_mean, norm_std: (x - mean) / std normalisation of the data (scalars or per band).
+    unet: the stages' U-Net sizes.
+    prediction: what the networks output, "eps" (the paper) or "v".
+    cond_rgb: later stages also see the RGB image (an option; the paper: off).
+    schedule, num_timesteps: the diffusion schedule the stages are trained on.
+    params: per-stage network parameters (EMA weights) once trained or loaded, else None.
+    steps: per-stage training step of those parameters.
+    info: what `train` reports of the stages it trained ({"stage<k>": {...}}).
+  """
+  num_bands: int
+  band_sets: tuple[tuple[int, ...], ...]
+  rgb_bands: tuple[int, int, int]
+  norm_mean: float | tuple[float, ...] = 0.0
+  norm_std: float | tuple[float, ...] = 1.0
+  unet: UNetSettings = UNetSettings()
+  prediction: str = "eps"
+  cond_rgb: bool = False
+  schedule: str = "linear"
+  num_timesteps: int = 1000
+  params: tuple[Any, ...] | None = dataclasses.field(default=None, compare=False,
+                                                     repr=False)
+  steps: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)
+  info: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def __post_init__(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)
+    set_("band_sets", tuple(tuple(int(b) for b in bs) for bs in self.band_sets))
+    set_("rgb_bands", tuple(int(b) for b in self.rgb_bands))
+    set_("norm_mean", _floats(self.norm_mean))
+    set_("norm_std", _floats(self.norm_std))
+    if isinstance(self.unet, dict):
+      set_("unet", UNetSettings(**self.unet))
+    if len(self.rgb_bands) != 3 or not all(0 <= b < self.num_bands for b in self.rgb_bands):
+      raise ValueError(f"rgb_bands {self.rgb_bands} must be 3 band indices in [0, "
+                       f"{self.num_bands}); fix the RGB bands (e.g. --config.data.rgb_bands)")
+    if not 1 <= len(self.band_sets) <= 3:
+      raise ValueError(f"SCDM supports 1, 2 or 3 stages, got {len(self.band_sets)}")
+    if self.band_sets[-1] != tuple(range(self.num_bands)):
+      raise ValueError("the last stage must make all bands")
+    if self.prediction not in ("eps", "v"):
+      raise ValueError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+    if not np.all(np.asarray(self.norm_std) > 0):
+      raise ValueError(f"normalisation std must be > 0, got {self.norm_std}; the training "
+                       "cube (or a band of it) is constant")
+    for name in ("norm_mean", "norm_std"):
+      v = getattr(self, name)
+      if isinstance(v, tuple) and len(v) != self.num_bands:
+        raise ValueError(f"{name} has {len(v)} values for {self.num_bands} bands")
+
+  # -- structure --------------------------------------------------------------------------
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.band_sets)
+
+  def stage_channels(self, k: int) -> tuple[int, int]:
+    """(output bands, condition channels) of stage k."""
+    out = len(self.band_sets[k])
+    if k == 0:
+      return out, 3
+    return out, len(self.band_sets[k - 1]) + (3 if self.cond_rgb else 0)
+
+  def stage_model(self, k: int) -> CondUNet:
+    return self.unet.model(self.stage_channels(k)[0])
+
+  def stage_pairs(self, images_norm: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stage k's training pairs from normalised cubes (M, H, W, N): (x, condition).
+
+    Stage 0 learns its bands from RGB; stage k > 0 from the TRUE bands of stage k - 1 (as
+    in the paper: stages train independently), plus RGB with cond_rgb.
+    """
+    x = images_norm[..., list(self.band_sets[k])]
+    rgb = images_norm[..., list(self.rgb_bands)]
+    if k == 0:
+      return x, rgb
+    prev = images_norm[..., list(self.band_sets[k - 1])]
+    return x, (np.concatenate([prev, rgb], -1) if self.cond_rgb else prev)
+
+  # -- units ------------------------------------------------------------------------------
+
+  @property
+  def normaliser(self) -> Normaliser:
+    return Normaliser(np.asarray(self.norm_mean, np.float32),
+                      np.asarray(self.norm_std, np.float32))
+
+  def encode(self, x: Any, bands: Sequence[int] | None = None) -> np.ndarray:
+    """(x - mean) / std for data whose last axis holds `bands` of the cube (default all)."""
+    n = self.normaliser if bands is None else self.normaliser.select(bands)
+    return np.asarray(n.encode(np.asarray(x, np.float32)), np.float32)
+
+  def decode(self, x: Any, bands: Sequence[int] | None = None) -> np.ndarray:
+    """Inverse of `encode`: back to the data's original units."""
+    n = self.normaliser if bands is None else self.normaliser.select(bands)
+    return np.asarray(n.decode(np.asarray(x, np.float32)), np.float32)
+
+  # -- values -----------------------------------------------------------------------------
+
+  def with_params(self, params: Sequence[Any], steps: Sequence[int] | None = None
+                  ) -> "Cascade":
+    if len(params) != self.num_stages:
+      raise ValueError(f"got {len(params)} parameter sets for {self.num_stages} stages")
+    return dataclasses.replace(self, params=tuple(params),
+                               steps=None if steps is None else tuple(int(s) for s in steps))
+
+  def to_json(self) -> dict[str, Any]:
+    """JSON-friendly description (without parameters); `from_json` reads it back."""
+    return {
+        "format": CASCADE_FORMAT,
+        "num_bands": self.num_bands,
+        "num_stages": self.num_stages,
+        "band_sets": [list(b) for b in self.band_sets],
+        "rgb_bands": list(self.rgb_bands),
+        "norm_mean": (self.norm_mean if isinstance(self.norm_mean, float)
+                      else list(self.norm_mean)),
+        "norm_std": self.norm_std if isinstance(self.norm_std, float) else list(self.norm_std),
+        "model": {**{f.name: (list(v) if isinstance(v := getattr(self.unet, f.name), tuple)
+                              else v) for f in dataclasses.fields(UNetSettings)},
+                  "prediction": self.prediction, "cond_rgb": self.cond_rgb},
+        "diffusion": {"schedule": self.schedule, "num_timesteps": self.num_timesteps},
+    }
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> "Cascade":
+    """Reads `to_json` output (also the `scdm_meta.json` of earlier versions)."""
+    model = dict(d["model"])
+    unet = {f.name: model[f.name] for f in dataclasses.fields(UNetSettings) if f.name in model}
+    return cls(num_bands=int(d["num_bands"]), band_sets=d["band_sets"],
+               rgb_bands=d["rgb_bands"], norm_mean=d["norm_mean"], norm_std=d["norm_std"],
+               unet=UNetSettings(**unet), prediction=str(model.get("prediction", "eps")),
+               cond_rgb=bool(model.get("cond_rgb", False)),
+               schedule=str(d["diffusion"]["schedule"]),
+               num_timesteps=int(d["diffusion"]["num_timesteps"]))
+
+
+def make_cascade(num_bands: int, *, rgb_bands: Sequence[int], num_stages: int = 2,
+                 counts: Sequence[int] | None = None, norm_mean: Any = 0.0,
+                 norm_std: Any = 1.0, unet: UNetSettings | dict | None = None,
+                 prediction: str = "eps", cond_rgb: bool = False, schedule: str = "linear",
+                 num_timesteps: int = 1000) -> Cascade:
+  """A Cascade with the paper's band split (or explicit bands per stage, `counts`).
+
+  Use `Normaliser.fit(train_cube, per_band)` for data-derived norm_mean / norm_std.
+  """
+  if num_stages not in (1, 2, 3):
+    raise ValueError(f"SCDM supports 1, 2 or 3 stages, got {num_stages}")
+  counts = None if num_stages == 1 or not counts else tuple(int(c) for c in counts)
+  if counts is not None and len(counts) != num_stages:
+    raise ValueError(f"stage counts {counts} must give one band count per stage "
+                     f"({num_stages}); e.g. {tuple(stage_counts(num_bands, num_stages))}"
+                     " or leave it empty for the default split")
+  if isinstance(unet, dict):
+    unet = UNetSettings(**unet)
+  return Cascade(num_bands=int(num_bands), band_sets=stage_band_indices(
+      int(num_bands), num_stages, counts), rgb_bands=tuple(rgb_bands), norm_mean=norm_mean,
+                 norm_std=norm_std, unet=unet or UNetSettings(), prediction=prediction,
+                 cond_rgb=cond_rgb, schedule=schedule, num_timesteps=int(num_timesteps))
+

@@ -1,4 +1,4 @@
-"""Conditional DDPM U-Net of SCDM (SPEC section 4): eps_theta(x_t, cond, t).
+"""Conditional DDPM U-Net of SCDM (the SCDM paper, Sec. III): eps_theta(x_t, cond, t).
 
 Layout (sizes are fields; the paper / authors' code values are the defaults):
 

@@ -1,31 +1,46 @@
-"""SDP: hyperspectral fusion with a spectral diffusion prior (SPEC section 3).
+"""SDP: hyperspectral fusion with a spectral diffusion prior.
 
-  denoiser  SpectralDenoiser (per-pixel eps_theta), count_params
-  train     TrainState, make_optimizer, init_train_state, make_train_step, fit,
-            sample_spectra, evaluate_fid
-  solver    make_solver (Algorithm 1 as one jitted program), fusion_loss / fusion_grad,
-            respaced_lr_scale
-  tiled     make_tiled_solver / fuse_tiled (large scenes: windows, sharded, blended)
-  blind     estimate_psf_srf (blind PSF / SRF estimation)
+Verbs (plain arrays in, small frozen dataclasses out):
+  train_prior(pixels, *, steps, key, **settings) -> Prior      prior.py
+  load_prior(workdir) -> Prior                                 prior.py
+  fuse(y, z, *, prior=None, key, ...) -> Fusion                fusion.py (prior=None: Baseline)
+  run_methods / evaluate_cube                                  evaluate.py (SDP vs Baseline vs
+                                                               classical; the Wald protocol)
+Building blocks:
+  SpectralDenoiser, fold_time_condition, apply_with_input_grad denoiser.py
+  make_solver, make_batched_solver, fusion_loss, fusion_grad   solver.py (Algorithm 1)
+  make_tiled_solver, fuse_tiled                                tiled.py (windows of large scenes)
+  estimate_psf_srf                                             blind.py
+  make_train_step, make_optimizer, init_train_state, fit,      train.py
+  sample_spectra, evaluate_fid
 """
 from hsijax.sdp.blind import blind_objective, estimate_psf_srf, project_psf, project_srf
 from hsijax.sdp.denoiser import (SpectralDenoiser, apply_with_input_grad, count_params,
                                  fold_time_condition, time_condition)
+from hsijax.sdp.evaluate import (METHODS, Evaluation, MethodResults, evaluate_cube,
+                                 no_reference_table, reference_table, run_methods)
+from hsijax.sdp.fusion import (Fusion, FusionSettings, check_pair, estimate_operators, fuse,
+                               infer_ratio, scale_pair)
+from hsijax.sdp.prior import Prior, load_prior, train_prior
 from hsijax.sdp.solver import (fusion_grad, fusion_loss, initial_x, make_batched_solver,
-                               make_solver, position_noise, respaced_lr_scale)
-from hsijax.sdp.tiled import check_tiling, fuse_tiled, make_tiled_solver
-from hsijax.sdp.train import (TrainState, diffusion_loss, evaluate_fid, fit, init_train_state,
-                              lr_factor, make_optimizer, make_train_step, model_from_config,
-                              sample_spectra, schedule_from_config)
+                               make_solver, respaced_lr_scale)
+from hsijax.sdp.tiled import fuse_tiled, make_tiled_solver
+from hsijax.sdp.train import (PriorSettings, TrainState, diffusion_loss, evaluate_fid, fit,
+                              init_train_state, make_optimizer, make_train_step,
+                              sample_spectra)
 
 __all__ = [
+    # verbs and their values
+    "train_prior", "load_prior", "Prior", "PriorSettings",
+    "fuse", "Fusion", "FusionSettings", "scale_pair", "check_pair", "infer_ratio",
+    "run_methods", "MethodResults", "evaluate_cube", "Evaluation", "METHODS",
+    "reference_table", "no_reference_table", "estimate_operators",
+    # building blocks
     "SpectralDenoiser", "count_params", "time_condition", "fold_time_condition",
     "apply_with_input_grad",
-    "TrainState", "make_optimizer", "init_train_state", "make_train_step", "fit",
-    "sample_spectra", "evaluate_fid", "diffusion_loss", "lr_factor", "model_from_config",
-    "schedule_from_config",
     "make_solver", "make_batched_solver", "fusion_loss", "fusion_grad", "initial_x",
-    "respaced_lr_scale", "position_noise",
-    "make_tiled_solver", "fuse_tiled", "check_tiling",
+    "respaced_lr_scale", "make_tiled_solver", "fuse_tiled",
     "estimate_psf_srf", "blind_objective", "project_psf", "project_srf",
+    "TrainState", "make_optimizer", "init_train_state", "make_train_step", "fit",
+    "diffusion_loss", "sample_spectra", "evaluate_fid",
 ]

@@ -1,4 +1,4 @@
-"""Blind estimation of the PSF and SRF from the LR-HSI / HR-MSI pair (SPEC section 3).
+"""Blind estimation of the PSF and SRF from the LR-HSI / HR-MSI pair (as in the SDP authors' code).
 
 When B (blur) and R (spectral response) are unknown, both observations are brought to the
 same low-resolution multispectral grid, where they should agree:

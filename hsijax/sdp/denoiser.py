@@ -1,4 +1,4 @@
-"""Per-pixel spectral denoiser eps_theta(x_t, t) of SDP (SPEC section 3).
+"""Per-pixel spectral denoiser eps_theta(x_t, t) of SDP (the SDP paper, Sec. III).
 
 Architecture (the authors' code, 5 linear layers; the paper's table says L = 4):
 

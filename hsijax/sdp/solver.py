@@ -1,4 +1,4 @@
-"""SDP fusion solver: Algorithm 1 of the paper as one jitted program (SPEC section 3).
+"""SDP fusion solver: Algorithm 1 of the paper as one jitted program.
 
 X (H, W, B) is the optimisation variable. For every schedule position i = n-1, ..., 0 and
 K inner steps:
@@ -27,33 +27,16 @@ fold_in(fold_in(key, i), k). "position" keys every pixel by its global position 
 eps[r, c] = normal(fold_in(fold_in(step_key, row0 + r), col0 + c), (B,)), where (row0, col0)
 is the `offset` of X inside a larger scene. A window's noise is then exactly the slice of the
 scene's noise field, which is what lets tiled solves (`hsijax.sdp.tiled`) reproduce the
-untiled one. It costs two extra threefry hashes per pixel (measured on 2 CPU cores, 16
-windows of 64 x 64 x 103: 213 ms vs 188 ms for the scene draw; slicing a scene-wide
-`normal(key, (H, W, B))` instead costs, and holds in memory, the whole scene: 4 s and 1.7 GB
-for a 1024 x 1024 scene). Every other part of a step is per pixel (Adam, clamp, EMA, weight
+untiled one. It costs two extra threefry hashes per pixel (about 13% of a draw; slicing
+one scene-wide draw instead would hold the whole scene's noise in memory; docs/scaling.md). Every other part of a step is per pixel (Adam, clamp, EMA, weight
 decay) or a sum over pixels (the loss; no means, so a window's per-pixel gradient equals the
 scene's wherever the PSF footprint lies inside the window).
 
 Respaced runs (n < T outer steps, `diffusion.make_respaced_schedule`): by default the Adam
 learning rate is multiplied by T / n (`lr_scale=None`), which keeps the total distance X can
-travel (~ n K lr) equal to the full run's, and X still starts at ones. Measured on a 32 x 32 x
-102 Wald scene (Pavia Centre crop, ratio 4, lam 0.1, gam 1e-3, K 3, base lr 1e-3, spectral
-model trained 3000 steps), PSNR in dB:
-
-  full T = 1000, ones: 38.03   (Baseline gam = 0: 37.09; upsample init: 36.41)
-  n = 100   ones  upsample      n = 50   ones  upsample      n = 200  ones  upsample
-  lr x 1     3.3   32.3          lr x 1     1.7   29.6          lr x 1     7.0   35.4
-  x sqrt     12.0  36.9          x sqrt     7.8   36.1          x sqrt    19.0   37.0
-  x 4        16.3  37.2          x 4        6.8   35.6          x 4       37.6   37.0
-  x T/n      38.8  37.1          x T/n     38.6   37.2          x T/n     38.9   36.9
-
-Unscaled respacing from ones never reaches the data (X cannot travel far enough); the
-upsampled init rescues it partially but is biased (~37 dB at best, also at full T); scaling
-the lr by T / n from ones matches or beats the full 1000-step run at 5-20x fewer steps.
-What matters is the travel budget n K lr (~3 in the paper's setting) with a per-step lr small
-enough to stay stable: at n = 50, x10 (budget 1.5) gives 27.8 dB and x30 (lr 0.03) 18.8 dB
-against 38.6 dB at x20 = T/n. Below ~50 steps the rule breaks down (n = 20: 17-23 dB for
-x10..x50 from ones or upsample; n = 10: ~16 dB): keep n >= 50, or raise K instead of lr.
+travel (~ n K lr) equal to the full run's, and X still starts at ones: unscaled respacing from
+ones never reaches the data. Keep n >= 50 (or raise K instead of lr); the measurements behind
+the rule are in docs/sdp_results.md ("Respaced solver steps").
 """
 from __future__ import annotations
 

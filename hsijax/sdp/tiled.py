@@ -6,7 +6,7 @@ so every window pair is itself a valid fusion problem. Windows are solved by Alg
 (`solver.make_solver`) `vmap`-ed over a chunk of `tiles_per_call` windows, the chunk
 sharded over the mesh's `data` axis (`jax.jit` with `NamedSharding`s, parameters
 replicated; the chunk is padded to a multiple of the device count), and the outputs are
-blended on the host (`tiling.accumulate`, the weights of `tiling.merge`). Device memory is
+blended on the host (`tiling.map_tiles`, the loop SCDM tiles use too). Device memory is
 that of one chunk, whatever the scene size.
 
 Why tiled matches untiled. The solver uses noise="position": each pixel's diffusion noise
@@ -65,20 +65,6 @@ def check_tiling(tile: int, overlap: int, ratio: int, tiles_per_call: int,
   return halo
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-host) sharded array as one host NumPy array on every process."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
-def _put(x: np.ndarray, spec: jax.sharding.NamedSharding) -> jax.Array:
-  """Host array (identical on every process) -> global array with sharding `spec`."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
-
-
 def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, ratio: int,
                       tile: int, overlap: int, tiles_per_call: int = 8,
                       halo: int | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -109,7 +95,6 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
     raise ValueError("the tiled solver always uses noise='position'; drop the noise argument")
   mesh = sharding.make_mesh() if mesh is None else mesh
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-  n_data = mesh.shape[sharding.DATA_AXIS]
   solve_one = solver_lib.make_solver(model, schedule, ratio=ratio, noise="position",
                                      **solver_kwargs)
   batched = jax.jit(jax.vmap(solve_one, in_axes=(None, 0, 0, None, None, None, 0)),
@@ -129,26 +114,13 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
         out = solve_one(params, y, z, psf, srf, key, jnp.zeros(2, jnp.int32))
         return np.asarray(jax.device_get(out))
     grid = tiling.make_grid(H, W, tile, overlap, multiple=ratio)
-    weights = tiling.blend_weights(grid, halo)
-    n = len(grid.starts)
-    t, tl = grid.tile, grid.tile // ratio
-    acc = np.zeros((H, W, y.shape[-1]), np.float32)
-    norm = np.zeros((H, W, 1), np.float32)
     p = jax.device_put(params, rep)
     psf_d, srf_d = (jax.device_put(jnp.asarray(a, jnp.float32), rep) for a in (psf, srf))
     key_d = jax.device_put(key, rep)
-    for idx, n_real in tiling.chunks(n, tiles_per_call, n_data):
-      starts = grid.starts[idx]
-      y_w = np.stack([y[r // ratio:r // ratio + tl, c // ratio:c // ratio + tl]
-                      for r, c in starts])
-      z_w = np.stack([z[r:r + t, c:c + t] for r, c in starts])
-      with progress.bar(schedule.num_steps,
-                        desc=f"{desc} {idx[0] + 1}-{idx[0] + n_real}/{n}"):
-        out = batched(p, _put(y_w, data), _put(z_w, data), psf_d, srf_d, key_d,
-                      _put(starts.astype(np.int32), data))
-        out = _to_host(out)
-      tiling.accumulate(acc, norm, out[:n_real], starts[:n_real], weights[idx[:n_real]])
-    return acc / norm
+    return tiling.map_tiles(
+        lambda _, starts, y_w, z_w: batched(p, y_w, z_w, psf_d, srf_d, key_d, starts),
+        grid, [(y, ratio), (z, 1)], tiles_per_call=tiles_per_call, mesh=mesh, halo=halo,
+        desc=desc, steps_per_call=schedule.num_steps)
 
   return solve
 
@@ -165,3 +137,39 @@ def fuse_tiled(model: SpectralDenoiser, schedule: diffusion.Schedule, params: An
   return make_tiled_solver(model, schedule, ratio=ratio, tile=tile, overlap=overlap,
                            tiles_per_call=tiles_per_call, halo=halo, mesh=mesh,
                            **solver_kwargs)(params, y, z, psf, srf, key)
+
+
+BINS = (0, 2, 4, 8, 12, 16, 24, 32, 48)
+
+
+def tiling_differences(tiled: np.ndarray, full: np.ndarray, grid: tiling.TileGrid,
+                       halo: int) -> dict[str, Any]:
+  """How a tiled result differs from the untiled one, by distance to inner window edges.
+
+  Returns max / mean |difference| per distance bin (pixels to the nearest inner edge of a
+  window that feeds the pixel), in the blend bands (seams) and elsewhere, and how much the
+  differences between neighbouring pixels change across seams (a visible seam would).
+  """
+  dist = tiling.border_distance(grid, halo)
+  err = np.abs(tiled - full).max(-1)
+  by_distance = {}
+  for lo, hi in zip(BINS, BINS[1:] + (10 ** 9,)):
+    m = (dist >= lo) & (dist < hi)
+    if m.any():
+      by_distance[f"{lo}-{hi if hi < 10 ** 9 else 'inf'}"] = {
+          "pixels": int(m.sum()), "max": float(err[m].max()), "mean": float(err[m].mean())}
+  seam = dist < grid.overlap  # pixels in a blend band (fed by window pixels near an edge)
+  out = {"by_distance": by_distance,
+         "seam_max_abs_diff": float(err[seam].max()),
+         "interior_max_abs_diff": float(err[~seam].max()),
+         "interior_exact_fraction": float((err[~seam] == 0).mean())}
+  for axis, name in ((0, "rows"), (1, "cols")):
+    g_t, g_f = np.diff(tiled, axis=axis), np.diff(full, axis=axis)
+    band = (np.delete(seam, -1, axis) | np.delete(seam, 0, axis))
+    d = np.abs(g_t - g_f).max(-1)
+    out[f"neighbour_diff_{name}"] = {
+        "seam_max_abs_change": float(d[band].max()),
+        "elsewhere_max_abs_change": float(d[~band].max()),
+        "seam_max_abs_gradient": float(np.abs(g_t).max(-1)[band].max()),
+        "elsewhere_max_abs_gradient": float(np.abs(g_t).max(-1)[~band].max())}
+  return out

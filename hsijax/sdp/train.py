@@ -1,4 +1,4 @@
-"""Training the spectral diffusion model ("SDM", SPEC section 3) and sampling spectra from it.
+"""Training the spectral diffusion model ("SDM" in the SDP paper) and sampling spectra from it.
 
 Recipe (the authors' code): clean pixels (N, B), batches of 512 random pixels, t uniform in
 [0, T), loss = mean((eps - eps_theta(x_t, t))^2), Adam lr 1e-2 with torch-style L2 weight decay
@@ -13,10 +13,10 @@ a checkpoint ends with bit-identical parameters to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import os
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hsijax import diffusion, precision, sharding, trainloop
+from hsijax import diffusion, precision, progress, sharding, trainloop
+from hsijax import settings as settings_lib
 from hsijax.checkpoint import Checkpointer
 from hsijax.sdp.denoiser import SpectralDenoiser
 
@@ -112,24 +113,6 @@ def make_train_step(model: SpectralDenoiser, schedule: diffusion.Schedule,
   return train_step
 
 
-def model_from_config(config: Any, num_bands: int) -> SpectralDenoiser:
-  """SpectralDenoiser from `config.model` (num_bands from the data when left unset) and the
-  optional top-level `config.precision` (hsijax.precision; absent = "default")."""
-  m = config.model
-  nb = m.get("num_bands", None) or num_bands
-  if nb != num_bands:
-    raise ValueError(f"config.model.num_bands={nb} but the pixels have {num_bands} bands; "
-                     "leave model.num_bands unset (None) to take it from the data")
-  return SpectralDenoiser(num_bands=num_bands, hidden=m.hidden, num_layers=m.num_layers,
-                          time_dim=m.time_dim, dropout=m.dropout,
-                          precision=precision.from_config(config))
-
-
-def schedule_from_config(config: Any) -> diffusion.Schedule:
-  """Full (training) schedule from `config.diffusion`."""
-  return diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-
-
 def donate_state(mesh: jax.sharding.Mesh) -> bool:
   """Whether the jitted train step donates its state: on accelerators yes (halves the
   state's memory); on CPU no: XLA:CPU then ran the SDM step 35-40% slower (measured on the
@@ -160,22 +143,68 @@ def batch_indices(key: jax.Array, step: int, num_pixels: int, batch: int) -> np.
                                        num_pixels))
 
 
-def fit(pixels: np.ndarray, config: Any, *, workdir: str | pathlib.Path | None = None,
-        mesh: jax.sharding.Mesh | None = None, show_progress: bool = True
-        ) -> tuple[TrainState, dict[str, list[float]]]:
+@dataclasses.dataclass(frozen=True)
+class PriorSettings(settings_lib.Settings):
+  """Everything that defines a spectral prior besides its data, steps and key.
+
+  Model: hidden, num_layers, time_dim, dropout (SpectralDenoiser), precision (matmul policy,
+  hsijax.precision). Diffusion: schedule ("linear" | "cosine"), num_timesteps T. Training:
+  batch (pixels per step), lr, weight_decay (torch-style L2), ema (decay of the weights'
+  EMA), decay_steps (the lr decays linearly to lr / 1000 over this many steps, then stays;
+  the paper's 10000), checkpoint_every, log_every (loss history / log line interval).
+  """
+  WHAT: ClassVar[str] = "prior"
+  hidden: int = 512
+  num_layers: int = 5
+  time_dim: int = 64
+  dropout: float = 0.001
+  precision: str = "default"
+  schedule: str = "linear"
+  num_timesteps: int = 1000
+  batch: int = 512
+  lr: float = 1e-2
+  weight_decay: float = 1e-6
+  ema: float = 0.999
+  decay_steps: int = 10_000
+  checkpoint_every: int = 1000
+  log_every: int = 100
+
+  def __post_init__(self):
+    precision.check(self.precision)
+    self.require_positive("hidden", "num_layers", "time_dim", "num_timesteps", "batch",
+                          "decay_steps", "checkpoint_every", "log_every")
+    if self.num_layers < 2:
+      raise ValueError(f"num_layers must be >= 2, got {self.num_layers}")
+    if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.ema < 1.0:
+      raise ValueError(f"dropout and ema must be in [0, 1), got {self.dropout}, {self.ema}")
+    if self.schedule not in diffusion.BETA_SCHEDULES:
+      raise ValueError(f"unknown schedule {self.schedule!r}; use one of "
+                       f"{sorted(diffusion.BETA_SCHEDULES)}")
+
+  def model(self, num_bands: int) -> SpectralDenoiser:
+    return SpectralDenoiser(num_bands=int(num_bands), hidden=self.hidden,
+                            num_layers=self.num_layers, time_dim=self.time_dim,
+                            dropout=self.dropout, precision=self.precision)
+
+  def training_schedule(self) -> diffusion.Schedule:
+    return diffusion.make_schedule(self.schedule, self.num_timesteps)
+
+
+def fit(pixels: np.ndarray, *, steps: int, key: Any, settings: PriorSettings = PriorSettings(),
+        workdir: str | pathlib.Path | None = None, mesh: jax.sharding.Mesh | None = None,
+        show_progress: bool = True) -> tuple[TrainState, dict[str, list[float]]]:
   """Trains the spectral denoiser on clean pixels (resumable, data-parallel).
 
   Args:
     pixels: (N, B) clean spectra in [0, 1] (float32).
-    config: ConfigDict with `seed`, `model` (hidden, num_layers, time_dim, dropout),
-      `diffusion` (schedule, num_timesteps), `train` (batch, steps, lr, weight_decay, ema,
-      checkpoint_every, log_every, optional decay_steps_scale); see configs/sdp.py.
-    workdir: checkpoints go to workdir/checkpoints (every train.checkpoint_every steps and
-      at the end) and training resumes from the latest one there; None = no checkpoints.
+    steps: total training steps of the run (a resumed run continues up to it).
+    key: PRNG key (or int seed); split into (init, data, train) keys.
+    settings: model, diffusion and optimiser settings.
+    workdir: checkpoints go to workdir/checkpoints (every settings.checkpoint_every steps
+      and at the end) and training resumes from the latest one there; None = no checkpoints.
     mesh: device mesh with a "data" axis (default: all devices); batches are sharded along
       it, parameters and optimiser state replicated.
-    show_progress: when False, no tqdm bar; when True the bar of `trainloop.run` draws on
-      process 0 in a terminal (or with HSIJAX_PROGRESS=1).
+    show_progress: False silences the progress output of `trainloop.run`.
 
   Returns:
     (final TrainState, history {"step": [...], "loss": [...]}).
@@ -184,65 +213,47 @@ def fit(pixels: np.ndarray, config: Any, *, workdir: str | pathlib.Path | None =
   if pixels.ndim != 2 or pixels.shape[0] < 1:
     raise ValueError(f"pixels must be (N, B) spectra, got shape {pixels.shape}; reshape a "
                      "cube with cube.reshape(-1, cube.shape[-1])")
-  tc = config.train
-  if tc.steps is None:
-    raise ValueError("config.train.steps is None; call configs.sdp.resolve(config) or set "
-                     "--config.train.steps")
-  mesh = mesh if mesh is not None else sharding.make_mesh(config.get("mesh", None))
+  if int(steps) != steps or steps < 0:
+    raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+  s = settings
+  mesh = mesh if mesh is not None else sharding.make_mesh(None)
   n_data = mesh.shape[sharding.DATA_AXIS]
-  if tc.batch % n_data:
-    raise ValueError(f"train.batch={tc.batch} does not split over {n_data} devices on the "
+  if s.batch % n_data:
+    raise ValueError(f"batch={s.batch} does not split over {n_data} devices on the "
                      f"'data' axis; choose a multiple of {n_data}")
 
-  model = model_from_config(config, pixels.shape[1])
-  opt_args = (float(tc.lr), float(tc.weight_decay), float(tc.get("decay_steps_scale", 1.0)))
+  model = s.model(pixels.shape[1])
+  opt_args = (float(s.lr), float(s.weight_decay), float(s.decay_steps) / 10_000)
   optimizer = make_optimizer(*opt_args)
-  key = jax.random.key(config.seed)
-  init_key, data_key, train_key = jax.random.split(key, 3)
+  init_key, data_key, train_key = jax.random.split(settings_lib.as_key(key), 3)
   state = sharding.replicate(init_train_state(model, init_key, optimizer), mesh)
-  step_fn = _sharded_train_step(model, config.diffusion.schedule,
-                                int(config.diffusion.num_timesteps), opt_args,
-                                float(tc.ema), mesh)
+  step_fn = _sharded_train_step(model, s.schedule, int(s.num_timesteps), opt_args,
+                                float(s.ema), mesh)
 
   # Each process gathers its own slice of the global batch indices.
-  per_proc = tc.batch // jax.process_count()
+  per_proc = s.batch // jax.process_count()
   lo = jax.process_index() * per_proc
 
   def batch_fn(step: int):
-    idx = batch_indices(data_key, step, pixels.shape[0], tc.batch)[lo:lo + per_proc]
+    idx = batch_indices(data_key, step, pixels.shape[0], s.batch)[lo:lo + per_proc]
     return sharding.shard_batch(pixels[idx], mesh)
 
   ckpt = None
   if workdir is not None:
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=3,
-                        save_interval_steps=max(int(tc.checkpoint_every), 1))
+                        save_interval_steps=max(int(s.checkpoint_every), 1))
   try:
-    quiet = contextlib.nullcontext() if show_progress else _env("HSIJAX_PROGRESS", "0")
+    quiet = contextlib.nullcontext() if show_progress else progress.silenced()
     # trainloop passes fold_in(train_key, step); train_step folds with state.step again,
     # which is harmless and keeps train_step usable on its own with a fixed key.
     with quiet:
-      state, history = trainloop.run(step_fn, state, batch_fn, num_steps=int(tc.steps),
+      state, history = trainloop.run(step_fn, state, batch_fn, num_steps=int(steps),
                                      key=train_key, checkpointer=ckpt,
-                                     log_every=int(tc.get("log_every", 100)),
-                                     desc="SDM train")
+                                     log_every=int(s.log_every), desc="SDM train")
   finally:
     if ckpt is not None:
       ckpt.close()
   return state, history
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-  """Temporarily sets an environment variable (here: silences hsijax.progress bars)."""
-  old = os.environ.get(name)
-  os.environ[name] = value
-  try:
-    yield
-  finally:
-    if old is None:
-      os.environ.pop(name, None)
-    else:
-      os.environ[name] = old
 
 
 def sample_spectra(model: SpectralDenoiser, params: Any, schedule: diffusion.Schedule,

@@ -1,4 +1,4 @@
-"""SCDM training of one cascade stage (SPEC section 4).
+"""SCDM training of one cascade stage (the SCDM paper, Sec. III).
 
 Per step, for a batch {"x": (N, H, W, C) clean target bands, "cond": (N, H, W, C_cond)}:
 
@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from hsijax import diffusion, sharding, trainloop
+from hsijax import settings as settings_lib
 from hsijax.checkpoint import Checkpointer
 from hsijax.scdm.unet import CondUNet, init_params
 
@@ -247,7 +248,7 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
         schedule: diffusion.Schedule, num_steps: int, batch_size: int = 4,
         crop_size: int = 256, loss_type: str = "l1", sam_weight: float = 1.0,
         cond_drop: float = 0.1, learning_rate: float = 1e-4, ema_decay: float = 0.9999,
-        ema_start: int = 2000, seed: int = 0, workdir: str | pathlib.Path | None = None,
+        ema_start: int = 2000, key: Any = 0, workdir: str | pathlib.Path | None = None,
         checkpoint_every: int = 1000, max_to_keep: int = 3, mesh: Any = None,
         log_every: int = 100, desc: str = "SCDM stage",
         prediction: str = "eps", lr_decay_steps: int = 0) -> tuple[TrainState, dict]:
@@ -262,6 +263,8 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
     num_steps: total steps of the run (a resumed run continues up to it).
     batch_size: global batch, split over the mesh `data` axis (a multiple of its size).
     crop_size: random crop side (a multiple of 2 ** (levels - 1)).
+    key: PRNG key or int seed, split into (init, step, crop) keys; the crops of step s
+      come from fold_in(crop_key, s), so a resumed run sees the same batches.
     workdir: checkpoints go to workdir/checkpoints every `checkpoint_every` steps and at
       the end; None = no checkpoints.
     mesh: device mesh (default: all devices on `data`); parameters are replicated.
@@ -278,7 +281,7 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
                      f"{x_images.shape[-1]})")
   mesh = sharding.make_mesh(None) if mesh is None else mesh
   optimizer = make_optimizer(learning_rate, lr_decay_steps)
-  init_key, step_key = jax.random.split(jax.random.key(seed))
+  init_key, step_key, crop_key = jax.random.split(settings_lib.as_key(key), 3)
   state = init_train_state(model, optimizer, init_key,
                            (1, crop_size, crop_size, x_images.shape[-1]),
                            (1, crop_size, crop_size, cond_images.shape[-1]))
@@ -292,7 +295,7 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
   images = {"x": x_images, "cond": cond_images}
 
   def batch_fn(s: int):
-    crops = random_crops(images, crop_size, batch_size, s, seed=seed)
+    crops = random_crops(images, crop_size, batch_size, jax.random.fold_in(crop_key, s))
     return sharding.shard_batch(_local_part(crops), mesh)
 
   ckpt = None

@@ -1,10 +1,10 @@
-"""NumPy twin of `hsijax.metrics` (float64, host arrays).
+"""Test oracle: an independent NumPy twin of `hsijax.metrics` (float64, host arrays).
 
 Same functions, names, signatures and conventions as `hsijax.metrics`; see that module's docstring
 for the definitions and the edge-case conventions. This twin is written independently (integral
 images instead of `reduce_window`, `arccos` instead of the half-angle form, `scipy.linalg.sqrtm`
-instead of an eigen-decomposition) so the tests can cross-check the two, and so command-line code
-can score host arrays without tracing anything.
+instead of an eigen-decomposition) so the tests can cross-check the two. It is not part of the
+library: every published number is scored by `hsijax.metrics`.
 
 Images are `(H, W, B)`, spectra sets `(N, B)`. Scalars are returned as `float`.
 """

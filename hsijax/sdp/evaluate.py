@@ -1,0 +1,190 @@
+"""Comparing fusion methods: SDP, the Baseline and the classical methods on one problem.
+
+    out = hsijax.sdp.run_methods(y, z, prior=prior, key=1, steps=100)
+    table = hsijax.sdp.reference_table(x_true, out.results, out.ratio)
+
+and the paper's simulation protocol on a real cube (`evaluate_cube`): normalise the cube,
+train the prior on its top half, simulate the LR-HSI (PSF blur, decimation, noise) and the
+HR-MSI (SRF, noise) from its bottom half (Wald's protocol), run every method with the same
+(blind or known) operators and score them against the bottom half.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from hsijax import classical, degrade, metrics
+from hsijax import settings as settings_lib
+from hsijax.sdp import fusion as fusion_lib
+from hsijax.sdp import prior as prior_lib
+
+METHODS = ("sdp", "baseline") + tuple(classical.METHODS)
+LABELS = {"sdp": "SDP", "baseline": "Baseline", "bicubic": "Bicubic",
+          "detail_injection": "Detail inj.", "subspace_ls": "Subspace LS"}
+FULL_REFERENCE_KEYS = ("psnr", "sam", "rmse", "ergas", "uiqi")
+NO_REFERENCE_KEYS = ("d_lambda", "d_s", "qnr")
+
+
+@dataclasses.dataclass
+class MethodResults:
+  """Outputs of `run_methods`: method -> (H, W, B) in [0, 1], the shared operators, times."""
+  results: dict[str, np.ndarray]
+  psf: np.ndarray
+  srf: np.ndarray
+  ratio: int
+  blind: bool
+  seconds: dict[str, float]
+
+
+def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
+  """Method names from a sequence or a comma-separated string; refuses unknown ones."""
+  if isinstance(methods, str):
+    methods = [m.strip() for m in methods.split(",") if m.strip()]
+  methods = tuple(dict.fromkeys(methods))
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise ValueError(f"unknown method(s) {unknown or methods!r}; choose from {METHODS} "
+                     "(e.g. --config.methods=sdp,baseline)")
+  return methods
+
+
+def run_methods(y: Any, z: Any, *, prior: prior_lib.Prior | None, key: Any,
+                methods: Sequence[str] | str = METHODS, psf: Any = None, srf: Any = None,
+                steps: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                show_progress: bool = True, **settings: Any) -> MethodResults:
+  """Runs the chosen methods with one set of operators (estimated once when not given).
+
+  Args:
+    y, z: the (h, w, B) LR-HSI and (H, W, b) HR-MSI in [0, 1].
+    prior: the spectral prior ("sdp" needs it).
+    key: key or int seed of the SDP / Baseline solves (both use the same key).
+    methods: names from METHODS (default all).
+    psf, srf, steps, mesh, **settings: as for `fuse`.
+  """
+  methods = check_methods(methods)
+  if "sdp" in methods and prior is None:
+    raise ValueError("method 'sdp' needs a trained prior; pass prior= or drop 'sdp'")
+  s = fusion_lib.FusionSettings.from_kwargs(**settings)
+  y, z = np.asarray(y, np.float32), np.asarray(z, np.float32)
+  ratio = fusion_lib.check_pair(y, z, psf=psf, srf=srf, psf_size=s.psf_size)
+  seconds: dict[str, float] = {}
+  blind = psf is None or srf is None
+  if blind:
+    t0 = time.perf_counter()
+    est_psf, est_srf = fusion_lib.estimate_operators(y, z, ratio, steps=s.blind_steps,
+                                                     lr=s.blind_lr, psf_size=s.psf_size)
+    seconds["blind"] = time.perf_counter() - t0
+    psf = est_psf if psf is None else psf
+    srf = est_srf if srf is None else srf
+  psf = np.asarray(psf, np.float32) / float(np.sum(psf))
+  srf = np.asarray(srf, np.float32)
+  key = settings_lib.as_key(key)
+  results: dict[str, np.ndarray] = {}
+  for name in methods:
+    t0 = time.perf_counter()
+    if name in ("sdp", "baseline"):
+      out = fusion_lib.fuse(y, z, prior=prior if name == "sdp" else None, key=key, psf=psf,
+                            srf=srf, steps=steps, mesh=mesh, show_progress=show_progress,
+                            **settings)
+      results[name] = out.x
+    else:
+      results[name] = np.asarray(jax.block_until_ready(
+          classical.run_method(name, y, z, psf, srf, ratio)), np.float32)
+    seconds[name] = time.perf_counter() - t0
+  return MethodResults(results=results, psf=psf, srf=srf, ratio=ratio, blind=blind,
+                       seconds=seconds)
+
+
+def reference_table(reference: Any, results: dict[str, Any], ratio: int,
+                    keys: Sequence[str] = FULL_REFERENCE_KEYS) -> dict[str, dict[str, float]]:
+  """method -> {psnr, sam, rmse, ergas, uiqi} against the (H, W, B) reference."""
+  out = {}
+  for name, x in results.items():
+    m = metrics.all_metrics(reference, x, ratio)
+    out[name] = {k: float(m[k]) for k in keys}
+  return out
+
+
+def no_reference_table(results: dict[str, Any], y: Any, z: Any, ratio: int
+                       ) -> dict[str, dict[str, float]]:
+  """method -> {d_lambda, d_s, qnr} (Alparone et al. 2008)."""
+  return {name: metrics.no_reference_metrics(x, z, y, ratio) for name, x in results.items()}
+
+
+def operator_errors(psf, srf, true_psf, true_srf) -> dict[str, float]:
+  """How far the operators used are from the true ones (relative Frobenius errors)."""
+  out = {}
+  psf, srf, true_psf, true_srf = map(np.asarray, (psf, srf, true_psf, true_srf))
+  if psf.shape == true_psf.shape:
+    out["psf_rel_error"] = float(np.linalg.norm(psf - true_psf) / np.linalg.norm(true_psf))
+  if srf.shape == true_srf.shape:
+    out["srf_rel_error"] = float(np.linalg.norm(srf - true_srf) / np.linalg.norm(true_srf))
+  return out
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """Outputs of `evaluate_cube`."""
+  table: dict[str, dict[str, float]]   # method -> metrics, plus "seconds"
+  reference: np.ndarray                # (H, W, B) bottom half of the cube, in [0, 1]
+  y: np.ndarray                        # simulated LR-HSI
+  z: np.ndarray                        # simulated HR-MSI
+  methods: MethodResults
+  prior: prior_lib.Prior
+  details: dict[str, Any]              # shapes, operators' errors, training, no-reference
+
+
+def evaluate_cube(cube: Any, *, wavelengths_nm: Any, key: Any = 0, ratio: int = 4,
+                  snr_y_db: float | None = 20.0, snr_z_db: float | None = 30.0,
+                  srf: Any = None, srf_path: str | None = None,
+                  known_operators: bool = False, train_steps: int,
+                  prior_settings: dict[str, Any] | None = None, steps: int | None = None,
+                  methods: Sequence[str] | str = METHODS, workdir: Any = None,
+                  mesh: jax.sharding.Mesh | None = None, show_progress: bool = True,
+                  **settings: Any) -> Evaluation:
+  """The simulation protocol on a real (H, W, B) cube in any units.
+
+  Keys: the simulation noise uses fold_in(key, 0), the prior `key` itself, the solves
+  fold_in(key, 1). `srf` (b, B) defaults to the IKONOS blue / green / red / NIR response at
+  `wavelengths_nm` (from `srf_path` when given, else a Gaussian model of the bands).
+  **settings are `fuse` settings; `prior_settings` those of `train_prior`.
+  """
+  t_start = time.perf_counter()
+  key = settings_lib.as_key(key)
+  cube = np.asarray(cube, np.float32)
+  if cube.ndim != 3:
+    raise ValueError(f"cube must be (H, W, B), got shape {cube.shape}")
+  if srf is None:
+    srf = degrade.ikonos_srf(np.asarray(wavelengths_nm), path=srf_path or None)
+  wd = degrade.wald_protocol(cube, ratio=int(ratio), key=jax.random.fold_in(key, 0),
+                             srf=np.asarray(srf, np.float32), snr_y_db=snr_y_db,
+                             snr_z_db=snr_z_db, split="rows")
+  y, z, ref = (np.asarray(a, np.float32) for a in (wd.y, wd.z, wd.x))
+  prior = None
+  if "sdp" in check_methods(methods):
+    prior = prior_lib.train_prior(np.asarray(wd.train_pixels), steps=train_steps, key=key,
+                                  workdir=workdir, mesh=mesh, show_progress=show_progress,
+                                  **(prior_settings or {}))
+  out = run_methods(y, z, prior=prior, key=jax.random.fold_in(key, 1), methods=methods,
+                    psf=np.asarray(wd.psf) if known_operators else None,
+                    srf=np.asarray(wd.srf) if known_operators else None, steps=steps,
+                    mesh=mesh, show_progress=show_progress, **settings)
+  table: dict[str, Any] = reference_table(ref, out.results, out.ratio)
+  train_seconds = prior.info["seconds"] if prior is not None else 0.0
+  table["seconds"] = {"train": train_seconds, **out.seconds,
+                      "total": time.perf_counter() - t_start}
+  details = {
+      "shapes": {"reference": ref.shape, "y": y.shape, "z": z.shape,
+                 "train_pixels": np.shape(wd.train_pixels)},
+      "ratio": out.ratio, "blind": out.blind,
+      "operators": operator_errors(out.psf, out.srf, wd.psf, wd.srf),
+      "no_reference": no_reference_table(out.results, y, z, out.ratio),
+  }
+  if prior is not None:
+    details["train"] = {k: prior.info.get(k) for k in ("final_loss", "steps", "history")}
+  return Evaluation(table=table, reference=ref, y=y, z=z, methods=out, prior=prior,
+                    details=details)
