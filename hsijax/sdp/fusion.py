@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Callable, ClassVar
 
 import jax
@@ -85,7 +86,7 @@ class Fusion:
   """The result of `fuse`.
 
   Attributes:
-    x: (H, W, B) fused image, float32, in the scale of the inputs (clamped to [0, 1]).
+    x: (H, W, B) fused image, float32, in the units of the inputs.
     psf: (k, k) PSF used (given or estimated).
     srf: (b, B) SRF used (given or estimated).
     ratio: the spatial ratio H / h.
@@ -212,6 +213,36 @@ def _cached_solver(model, schedule_key: tuple[str, int, int, str], ratio: int,
   return solver.make_solver(model, schedule, ratio=ratio, **kwargs)
 
 
+def solver_for(prior: Prior | None, *, ratio: int, steps: int | None,
+               settings: FusionSettings, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[Callable[..., Any], int]:
+  """(the jitted solve `fuse` runs for these ingredients, its number of timesteps).
+
+  Built once per (model, schedule, steps, solver and tiling settings, mesh) and cached, so
+  repeated fusions of same-shaped images reuse the compiled program.
+  """
+  s = settings
+  name, T = (prior.schedule_name, prior.num_timesteps) if prior else (s.schedule,
+                                                                      s.num_timesteps)
+  n = int(T if steps is None else steps)
+  if not 1 <= n <= T:
+    raise ValueError(f"steps={steps} must be in [1, {T}] (the prior's T)")
+  gam = float(s.gam) if prior is not None else 0.0
+  kwargs = (("lam", float(s.lam)), ("gam", gam), ("lr", float(s.lr)), ("K", int(s.K)),
+            ("weight_decay", float(s.weight_decay)), ("ema_decay", float(s.ema_decay)),
+            ("init", s.init), ("lr_scale", None if s.lr_scale is None else float(s.lr_scale)))
+  tile = int(s.tile)
+  if tile > 0:
+    tiled.check_tiling(tile, int(s.tile_overlap), ratio, int(s.tiles_per_call))
+    mesh = sharding.make_mesh() if mesh is None else mesh
+  else:
+    mesh = None
+  solve = _cached_solver(prior.model if prior else None, (name, int(T), n, s.respacing),
+                         int(ratio), kwargs, (tile, int(s.tile_overlap),
+                                              int(s.tiles_per_call)), mesh)
+  return solve, n
+
+
 def estimate_operators(y: Any, z: Any, ratio: int, *, steps: int, lr: float,
                        psf_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Blind (psf (k, k), srf (b, B)) from the two images (`hsijax.sdp.blind`)."""
@@ -228,7 +259,8 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
 
   Args:
     y: (h, w, B) LR-HSI in [0, 1] (scale both images by one common factor, e.g.
-      `scale_pair`, so that Z = R X still holds).
+      `scale_pair`, so that Z = R X still holds; images beyond [0, 1] are divided by their
+      joint maximum for the solve, with a warning, and X comes back in their units).
     z: (H, W, b) HR-MSI in [0, 1], H = ratio h, W = ratio w.
     prior: a trained `Prior` (train_prior / load_prior) for B bands; None = Baseline.
     key: PRNG key or int seed of the solver's diffusion noise (same key, same result).
@@ -247,14 +279,22 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
   s = FusionSettings.from_kwargs(**settings)
   y, z = np.asarray(y, np.float32), np.asarray(z, np.float32)
   r = check_pair(y, z, psf=psf, srf=srf, ratio=ratio, psf_size=s.psf_size)
-  for a, name in ((y, "y"), (z, "z")):
-    if float(a.max()) > 1.5:
-      raise ValueError(f"{name} reaches {float(a.max()):.4g}; fuse expects both images "
-                       "scaled to about [0, 1] (the solution is clamped to [0, 1]): divide "
-                       "both by one common factor, e.g. hsijax.sdp.scale_pair(y, z)")
+  unit = 1.0
+  if max(float(y.max()), float(z.max())) > 1.5:
+    # Not in [0, 1] (e.g. raw DN): solve on both divided by one common factor (keeps
+    # Z = R X) and return X in the inputs' units; say so, since a prior trained on spectra
+    # scaled otherwise sees other values.
+    unit = float(max(y.max(), z.max()))
+    warnings.warn(f"fuse: the images reach {unit:.4g}, not [0, 1]; both were divided by "
+                  f"{unit:.4g} for the solve and X is returned in their units. Scale them "
+                  "yourself (hsijax.sdp.scale_pair) the same way as the prior's training "
+                  "pixels to silence this", stacklevel=2)
+    y, z = y / unit, z / unit
   if prior is not None and prior.num_bands != y.shape[-1]:
     raise ValueError(f"the prior was trained on {prior.num_bands} bands but y has "
                      f"{y.shape[-1]}; train the prior on spectra of this sensor")
+  solve, n = solver_for(prior, ratio=r, steps=steps, settings=s, mesh=mesh)
+  tile = int(s.tile)
   seconds: dict[str, float] = {}
   is_blind = psf is None or srf is None
   if is_blind:
@@ -267,24 +307,6 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
   psf = np.asarray(psf, np.float32)
   psf = psf / psf.sum()
   srf = np.asarray(srf, np.float32)
-
-  name, T = (prior.schedule_name, prior.num_timesteps) if prior else (s.schedule,
-                                                                      s.num_timesteps)
-  n = int(T if steps is None else steps)
-  if not 1 <= n <= T:
-    raise ValueError(f"steps={steps} must be in [1, {T}] (the prior's T)")
-  gam = float(s.gam) if prior is not None else 0.0
-  kwargs = (("lam", float(s.lam)), ("gam", gam), ("lr", float(s.lr)), ("K", int(s.K)),
-            ("weight_decay", float(s.weight_decay)), ("ema_decay", float(s.ema_decay)),
-            ("init", s.init), ("lr_scale", None if s.lr_scale is None else float(s.lr_scale)))
-  tile = int(s.tile)
-  if tile > 0:
-    tiled.check_tiling(tile, int(s.tile_overlap), r, int(s.tiles_per_call))
-    mesh = sharding.make_mesh() if mesh is None else mesh
-  else:
-    mesh = None
-  solve = _cached_solver(prior.model if prior else None, (name, int(T), n, s.respacing), r,
-                         kwargs, (tile, int(s.tile_overlap), int(s.tiles_per_call)), mesh)
   params = prior.params if prior is not None else None
   key = settings_lib.as_key(key)
   t0 = time.perf_counter()
@@ -296,8 +318,8 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
       with progress.bar(n, desc=desc):
         x = jax.block_until_ready(solve(params, y, z, psf, srf, key))
   seconds["solve"] = time.perf_counter() - t0
-  return Fusion(x=np.asarray(x, np.float32), psf=psf, srf=srf, ratio=r, blind=is_blind,
-                steps=n, seconds=seconds)
+  return Fusion(x=np.asarray(x, np.float32) * np.float32(unit), psf=psf, srf=srf, ratio=r,
+                blind=is_blind, steps=n, seconds=seconds)
 
 
 def scale_pair(y: Any, z: Any, mode: str = "joint") -> tuple[np.ndarray, np.ndarray,

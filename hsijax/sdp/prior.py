@@ -18,6 +18,7 @@ import hashlib
 import json
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -165,6 +166,15 @@ def train_prior(pixels: np.ndarray, *, steps: int, key: Any,
                      f"{pixels.shape}")
   if not np.all(np.isfinite(pixels)):
     raise ValueError("pixels contain NaN/inf; fill or drop those spectra first")
+  if not float(pixels.max()) > 0:
+    raise ValueError("pixels have no positive value (all zeros or negative); pass clean "
+                     "spectra (reflectance, or radiance divided by the scene's maximum)")
+  if float(pixels.max()) > 1.5:
+    peak = float(pixels.max())
+    warnings.warn(f"train_prior: the pixels reach {peak:.4g}, not [0, 1]; they were divided "
+                  f"by {peak:.4g}. Scale them yourself the same way as the images you fuse "
+                  "to silence this", stacklevel=2)
+    pixels = pixels / peak
   t0 = time.perf_counter()
   if workdir is not None:
     workdir = pathlib.Path(workdir)
