@@ -256,7 +256,7 @@ def bench_sdm_train(config, peaks: dict, use_torch: bool,
   batch = jnp.asarray(pixels[:s.train_batch])
   key = jax.random.PRNGKey(config.seed + 1)
   # Not donated: every timed call gets the same state. This is how `train.fit` jits it on
-  # CPU (`train.donate_state`); on accelerators fit donates it (same program otherwise).
+  # CPU (`Policy.donate`); on accelerators fit donates it (same program otherwise).
   step = jax.jit(sdp_train.make_train_step(model, sched, opt, 0.999))
 
   flops = {

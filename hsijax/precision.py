@@ -19,6 +19,7 @@ denoiser does); for third-party modules, `scope(precision)` sets
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import jax
@@ -74,3 +75,16 @@ def from_config(config) -> str:
   """config.precision (top level) if present, else "default"; validated."""
   value = config.get("precision", None) if hasattr(config, "get") else None
   return check(value or "default")
+
+
+def float32_matmuls(fn):
+  """Decorator: `fn` traces and runs with float32 (HIGHEST) matmuls on every backend.
+
+  For reference numerics (classical methods, the linear baseline): TF32 on a GPU or one bf16
+  pass on a TPU would otherwise change their published numbers.
+  """
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision("float32"):
+      return fn(*args, **kwargs)
+  return wrapped

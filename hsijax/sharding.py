@@ -211,15 +211,23 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-  """Copies a pytree (e.g. parameters) to every device of the mesh.
+  """Copies a pytree (e.g. parameters, keys) to every device of the mesh.
 
-  On several hosts every process must pass the same values.
+  On several hosts every process must pass the same values (each process places its own
+  copy on its devices; `device_put` cannot target other processes' devices).
   """
-  return jax.device_put(tree, replicated(mesh))
+  if jax.process_count() == 1:
+    return jax.device_put(tree, replicated(mesh))
+  spec = replicated(mesh)
+  return jax.tree_util.tree_map(lambda x: put_global(x, spec), tree)
 
 
 def put_global(x: Any, spec: NamedSharding) -> jax.Array:
-  """A host array that every process holds whole -> a global array with sharding `spec`."""
+  """An array that every process holds whole -> a global array with sharding `spec`
+  (also typed PRNG keys)."""
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(put_global(jax.random.key_data(x), spec),
+                                    impl=jax.random.key_impl(x))
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, spec, lambda index: x[index])
 
@@ -304,11 +312,14 @@ def _multihost_env() -> str | None:
   return None
 
 
-def initialize_distributed(force: bool = False) -> bool:
-  """Starts the JAX multi-host runtime when launched on several hosts.
+def initialize_distributed(force: bool = False, *, coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Starts the JAX multi-process runtime when the run spans several processes.
 
-  Call it first thing in a launch script, before any other JAX call. It calls
-  `jax.distributed.initialize()` only when the environment shows a multi-process
+  Call it first thing in a launch script, before any other JAX call. Explicit arguments
+  (the entry points' --coordinator_address, --num_processes, --process_id) win; otherwise it
+  calls `jax.distributed.initialize()` only when the environment shows a multi-process
   launch, and is a no-op otherwise (a laptop, one GPU box, CI):
 
   * `JAX_COORDINATOR_ADDRESS` is set (manual launch; `JAX_NUM_PROCESSES` and
@@ -318,24 +329,39 @@ def initialize_distributed(force: bool = False) -> bool:
   * a Cloud TPU pod (several `TPU_WORKER_HOSTNAMES` / `TPU_PROCESS_ADDRESSES`)
     or multislice (`MEGASCALE_COORDINATOR_ADDRESS`).
 
-  Calling it twice is safe: the second call sees the runtime is up and returns.
+  CPU devices of different processes talk through gloo collectives (set here). Calling it
+  twice is safe: the second call sees the runtime is up and returns.
 
   Args:
     force: call `jax.distributed.initialize()` even when nothing above is found
       (for launchers JAX auto-detects itself, e.g. Kubernetes).
+    coordinator_address, num_processes, process_id: an explicit multi-process launch
+      (e.g. two processes on one machine: localhost:12345, 2, 0 and 1).
 
   Returns:
     True when the multi-host runtime is running after the call.
   """
   if jax.distributed.is_initialized():
     return True
-  launcher = _multihost_env()
+  explicit = coordinator_address is not None
+  launcher = "explicit" if explicit else _multihost_env()
   if launcher is None and not force:
     return False
-  kwargs = {}
-  if launcher == "JAX_COORDINATOR_ADDRESS":
+  if explicit:
+    if num_processes is None or process_id is None:
+      raise ValueError("--coordinator_address needs --num_processes and --process_id too "
+                       "(e.g. --num_processes=2 --process_id=0 on the first process)")
+    if not 0 <= int(process_id) < int(num_processes):
+      raise ValueError(f"--process_id={process_id} must be in [0, --num_processes="
+                       f"{num_processes})")
+    kwargs = {"coordinator_address": coordinator_address,
+              "num_processes": int(num_processes), "process_id": int(process_id)}
+  elif launcher == "JAX_COORDINATOR_ADDRESS":
     kwargs = {"num_processes": _int_env("JAX_NUM_PROCESSES"),
               "process_id": _int_env("JAX_PROCESS_ID")}
+  else:
+    kwargs = {}
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   _log.info("Initialising jax.distributed (%s).", launcher or "forced")
   jax.distributed.initialize(**kwargs)
   return True

@@ -1,18 +1,24 @@
 """One resumable training loop shared by the SDP spectral model and the SCDM U-Nets.
 
-The loop is deliberately dumb: the model-specific work lives in a pure, jitted
-`train_step(state, batch, key) -> (state, metrics)` and a host-side `batch_fn(step)`. Keys and
-batches are derived from the global step (`fold_in(key, step)`), so a run that is killed and
-resumed from its last checkpoint ends with exactly the parameters of an uninterrupted run.
+The loop is deliberately dumb: the model-specific work lives in a jitted
+`multi_step(state, count) -> (state, last_loss)` that runs `count` training steps in one
+dispatch (a `lax.fori_loop` over the steps, the data resident on the devices, each step's
+batch and noise drawn on the device from `fold_in(key, state.step)`: `multi_step`). The loop
+calls it for chunks of at most `steps_per_call` steps that end at every log and checkpoint
+point. Because `count` is a traced value, every chunk runs the same compiled program, so
+the chunking never changes the result: a run that is killed and resumed from its last
+checkpoint ends with exactly the parameters of an uninterrupted one, and k steps per
+dispatch give the parameters of one step per dispatch.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hsijax import fileio, progress
@@ -58,26 +64,50 @@ class TrainState:
   opt_state: Any
 
 
-def run(train_step: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
+def multi_step(one_step: Callable[[Any], tuple[Any, jax.Array]]
+               ) -> Callable[[Any, jax.Array], tuple[Any, jax.Array]]:
+  """(state, count) -> (state after `count` steps, loss of the last one), one fori_loop.
+
+  `one_step(state) -> (state, loss)` draws its own batch and keys from state.step; jit the
+  result (with the data closed over or passed in).
+  """
+  def run_steps(state, count):
+    def body(_, carry):
+      state, _ = carry
+      return one_step(state)
+    return jax.lax.fori_loop(0, count, body, (state, jnp.zeros((), jnp.float32)))
+  return run_steps
+
+
+def _next_stop(step: int, num_steps: int, every: Sequence[int], per_call: int) -> int:
+  """End of the chunk that starts at `step`: per_call steps, cut at multiples of `every`."""
+  stop = min(num_steps, step + per_call)
+  for e in every:
+    if e > 0:
+      stop = min(stop, (step // e + 1) * e)
+  return stop
+
+
+def run(multi_step_fn: Callable[[Any, jax.Array], tuple[Any, jax.Array]],
         state: Any,
-        batch_fn: Callable[[int], Any],
         *,
         num_steps: int,
-        key: jax.Array,
         checkpointer: Checkpointer | None = None,
         log_every: int = 100,
+        steps_per_call: int = 1,
         desc: str = "train") -> tuple[Any, dict[str, list[float]]]:
-  """Runs `train_step` from the latest checkpoint (if any) up to `num_steps`.
+  """Runs training from the latest checkpoint (if any) up to `num_steps`.
 
   On resume, process 0 prints "<desc>: resuming from step N of M (<checkpoint dir>)".
 
   Args:
-    train_step: pure step; its first argument may be donated.
+    multi_step_fn: jitted (state, count) -> (state, loss of the last step) (`multi_step`);
+      its first argument may be donated.
     state: initial state (used as the restore target, so it also fixes shardings).
-    batch_fn: step -> batch already placed on devices (e.g. via sharding.shard_batch).
     num_steps: total number of steps of the full run (not of this call).
-    key: base PRNG key; step s uses fold_in(key, s).
     checkpointer: saves every `checkpointer.save_interval_steps` and at the end.
+    log_every: loss history interval (steps).
+    steps_per_call: steps per dispatch (chunks also end at log and checkpoint points).
 
   Returns:
     (final state, history) with history["step"], history["loss"] sampled every `log_every`,
@@ -88,8 +118,7 @@ def run(train_step: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
   start = 0
   history: dict[str, list[float]] = {"step": [], "loss": []}
   if checkpointer is not None and checkpointer.latest_step() is not None:
-    start = int(checkpointer.latest_step())
-    state = checkpointer.restore(start, target=state)
+    start, state = checkpointer.restore_latest(target=state)  # newest intact step
     history = load_history(checkpointer, start)
     if jax.process_index() == 0:
       # One machine-readable line so logs (and tests) show where a restarted run picked up.
@@ -98,16 +127,19 @@ def run(train_step: Callable[[Any, Any, jax.Array], tuple[Any, dict]],
   if start >= num_steps:
     return state, history
   bar = progress.host_bar(total=num_steps, initial=start, desc=desc, unit="step")
-  for step in range(start, num_steps):
-    state, metrics = train_step(state, batch_fn(step), jax.random.fold_in(key, step))
-    done = step + 1
-    if done % log_every == 0 or done == num_steps:
-      loss = float(np.asarray(metrics["loss"]))
-      history["step"].append(done)
-      history["loss"].append(loss)
-      bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-    bar.update(1)
-    if checkpointer is not None and checkpointer.save(done, state, force=(done == num_steps)):
+  interval = checkpointer.save_interval_steps if checkpointer is not None else 0
+  step = start
+  while step < num_steps:
+    stop = _next_stop(step, num_steps, (log_every, interval), max(int(steps_per_call), 1))
+    state, loss = multi_step_fn(state, jnp.int32(stop - step))
+    bar.update(stop - step)
+    step = stop
+    if step % log_every == 0 or step == num_steps:
+      value = float(np.asarray(loss))
+      history["step"].append(step)
+      history["loss"].append(value)
+      bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+    if checkpointer is not None and checkpointer.save(step, state, force=(step == num_steps)):
       _save_history(checkpointer, history)
   bar.close()
   if checkpointer is not None:

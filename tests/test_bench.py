@@ -325,3 +325,18 @@ def test_time_marginal_partner_record():
   assert p["paired"] and len(p["times"]) == len(p["cpu_times"]) == 3
   assert all(0.018 < t < 0.06 for t in p["times"])
   assert p["step_s"] == pytest.approx(float(np.median(p["times"])))
+
+
+@pytest.mark.slow  # ~2.5 min on 2 CPU cores: every code path of the GPU check, small shapes
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+  from benchmarks import gpu_check
+  record = gpu_check.main(["--workdir", str(tmp_path), "--size", "small"])
+  assert set(record["checks"]) == {"solver_step", "unet_forward", "train_step_loss",
+                                   "train_step_weights"}
+  # On CPU both sides are the same computation: exact agreement.
+  assert all(v["rel_error"] == 0.0 and v["pass"] for v in record["checks"].values())
+  assert set(record["timings"]) == {"sdp_step_256", "sdp_solve_256", "sdm_train_step",
+                                    "unet_step_256", "cascade_ddim50"}
+  assert all(v["s"] > 0 for v in record["timings"].values())
+  assert (tmp_path / "gpu_check.json").is_file() and "| solver_step |" in \
+      (tmp_path / "gpu_check.md").read_text()

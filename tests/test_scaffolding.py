@@ -34,34 +34,43 @@ def test_tick_without_bar_is_a_noop():
   assert float(out) == 3.0
 
 
-def _toy_problem():
+def _toy_problem(calls=None):
+  """A tiny model trained by `trainloop.multi_step`: each step draws its noise and batch from
+  its own step number, as the real models do; `calls` counts the dispatches."""
   target = jnp.arange(4.0)
   opt = optax.adam(0.1)
+  key = jax.random.key(0)
 
-  @jax.jit
-  def step(state, batch, key):
-    params, opt_state = state
-    noise = 0.01 * jax.random.normal(key, (4,))
+  def one(state):
+    params, opt_state, step = state
+    noise = 0.01 * jax.random.normal(jax.random.fold_in(key, step), (4,))
+    batch = target + 0.001 * step
     loss, g = jax.value_and_grad(lambda p: jnp.sum((p - batch - noise) ** 2))(params)
     upd, opt_state = opt.update(g, opt_state)
-    return (optax.apply_updates(params, upd), opt_state), {"loss": loss}
+    return (optax.apply_updates(params, upd), opt_state, step + 1), loss
 
-  init = (jnp.zeros(4), opt.init(jnp.zeros(4)))
-  return step, init, (lambda s: target + 0.001 * s)
+  jitted = jax.jit(trainloop.multi_step(one))
+
+  def run(state, count):
+    if calls is not None:
+      calls.append(int(count))
+    return jitted(state, count)
+
+  init = (jnp.zeros(4), opt.init(jnp.zeros(4)), jnp.int32(0))
+  return run, init
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path):
-  step, init, batch_fn = _toy_problem()
-  key = jax.random.key(0)
-  full, hist = trainloop.run(step, init, batch_fn, num_steps=12, key=key, log_every=4)
+  step, init = _toy_problem()
+  full, hist = trainloop.run(step, init, num_steps=12, log_every=4, steps_per_call=3)
   assert hist["step"] == [4, 8, 12]
   with Checkpointer(tmp_path / "ck", save_interval_steps=5) as ck:
-    trainloop.run(step, init, batch_fn, num_steps=7, key=key, checkpointer=ck, log_every=4)
+    trainloop.run(step, init, num_steps=7, checkpointer=ck, log_every=4, steps_per_call=3)
     assert ck.latest_step() == 7
   # A new process would start again from `init` and pick up step 7 from disk.
   with Checkpointer(tmp_path / "ck", save_interval_steps=5) as ck:
-    resumed, rhist = trainloop.run(step, init, batch_fn, num_steps=12, key=key,
-                                   checkpointer=ck, log_every=4)
+    resumed, rhist = trainloop.run(step, init, num_steps=12, checkpointer=ck, log_every=4,
+                                   steps_per_call=3)
   np.testing.assert_array_equal(np.asarray(resumed[0]), np.asarray(full[0]))
   assert not np.allclose(np.asarray(full[0]), 0.0)
   # The history covers the whole run: step 4 comes from the first process (saved next to
@@ -72,11 +81,24 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
       [full_loss[4], full_loss[8], full_loss[12]]
 
 
+def test_k_steps_per_dispatch_equal_one_step_per_dispatch():
+  calls_k, calls_1 = [], []
+  step_k, init = _toy_problem(calls_k)
+  step_1, _ = _toy_problem(calls_1)
+  a, hist_a = trainloop.run(step_k, init, num_steps=25, log_every=10, steps_per_call=4)
+  b, hist_b = trainloop.run(step_1, init, num_steps=25, log_every=10, steps_per_call=1)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert hist_a == hist_b and hist_a["step"] == [10, 20, 25]
+  # Chunks of 4 cut at the log points 10 and 20: 4 4 2 | 4 4 2 | 4 1 -> 8 dispatches, not 25.
+  assert calls_k == [4, 4, 2, 4, 4, 2, 4, 1] and len(calls_1) == 25
+  assert int(a[2]) == 25
+
+
 def test_history_past_the_restored_checkpoint_is_dropped(tmp_path):
-  step, init, batch_fn = _toy_problem()
-  key = jax.random.key(0)
+  step, init = _toy_problem()
   with Checkpointer(tmp_path / "ck", save_interval_steps=3) as ck:
-    trainloop.run(step, init, batch_fn, num_steps=6, key=key, checkpointer=ck, log_every=1)
+    trainloop.run(step, init, num_steps=6, checkpointer=ck, log_every=1)
     # As if the process died after logging steps 7-8 but before their checkpoint landed.
     saved = trainloop.load_history(ck, upto=10**9)
     assert saved["step"] == [1, 2, 3, 4, 5, 6]

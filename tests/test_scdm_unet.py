@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from jax import lax
 
+from hsijax.kernels import cpu_conv
+from hsijax.policy import Policy
 from hsijax.scdm import unet
 from hsijax.scdm.unet import CondUNet, count_params
 
+CPU, GPU = Policy.for_backend("cpu"), Policy.for_backend("gpu")
 TINY = dict(base=8, channel_mults=(1, 2), num_res_down=1, num_res_up=2, attn_levels=(1,),
             groups=4, dropout=0.0)
 
@@ -182,9 +185,9 @@ def test_shared_encoder_equals_two_calls_and_perturbation_reaches_both_streams()
   assert np.max(np.abs(out2 - only_c)) > 1e-3
 
 
-@pytest.mark.parametrize("conv_impl", ["auto", "xla"])
-def test_with_uncond_equals_separate_conditional_and_unconditional_calls(conv_impl):
-  model = CondUNet(out_channels=4, conv_impl=conv_impl, **TINY)
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_with_uncond_equals_separate_conditional_and_unconditional_calls(backend):
+  model = CondUNet(out_channels=4, policy=Policy.for_backend(backend), **TINY)
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(3, 16, 16, 4)), jnp.float32)
   cond = jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32)
@@ -269,7 +272,7 @@ def _lax_conv(x, kernel, bias, stride):
                                         ((2, 2), 2), ((3, 3), 2), ((4, 6), 2), ((1, 1), 2)])
 def test_im2col_conv_equals_lax_conv(hw, stride):
   x, kernel, bias = _conv_case(5, (2, *hw, 6), 7)
-  got = unet.im2col_conv(x, kernel, bias, stride)
+  got = cpu_conv.im2col_conv(x, kernel, bias, stride)
   want = _lax_conv(x, kernel, bias, stride)
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -282,17 +285,17 @@ def test_im2col_conv_drops_only_padding_taps():
   x = jnp.asarray(rng.normal(size=(3, 1, 1, 4)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
   bias = jnp.asarray(rng.normal(size=(5,)), jnp.float32)
-  np.testing.assert_allclose(unet.im2col_conv(x, kernel, bias)[:, 0, 0],
+  np.testing.assert_allclose(cpu_conv.im2col_conv(x, kernel, bias)[:, 0, 0],
                              x[:, 0, 0] @ kernel[1, 1] + bias, rtol=1e-6, atol=1e-6)
-  assert unet._conv_taps(1, 1, 1, 1, 3) == (1, 2)
-  assert unet._conv_taps(2, 2, 1, 1, 3) == (0, 3)
-  assert unet._conv_taps(2, 1, 2, 1, 3) == (1, 3)  # 2 -> 1 with stride 2: rows 0, 1 only
+  assert cpu_conv._conv_taps(1, 1, 1, 1, 3) == (1, 2)
+  assert cpu_conv._conv_taps(2, 2, 1, 1, 3) == (0, 3)
+  assert cpu_conv._conv_taps(2, 1, 2, 1, 3) == (1, 3)  # 2 -> 1 with stride 2: rows 0, 1 only
 
 
 @pytest.mark.parametrize("hw", [(2, 2), (4, 6), (10, 8)])
 def test_winograd_conv_equals_lax_conv(hw):
   x, kernel, bias = _conv_case(11, (2, *hw, 5), 7)
-  got = unet.winograd_conv(x, unet.winograd_kernel(kernel), bias)
+  got = cpu_conv.winograd_conv(x, cpu_conv.winograd_kernel(kernel), bias)
   np.testing.assert_allclose(got, _lax_conv(x, kernel, bias, 1), rtol=1e-5, atol=2e-5)
 
 
@@ -301,31 +304,31 @@ def test_winograd_kernel_is_g_k_gt_and_odd_maps_are_refused():
   kernel = rng.normal(size=(3, 3, 2, 3))
   g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
   want = np.einsum("ra,abio,sb->rsio", g, kernel, g).reshape(16, 2, 3)
-  np.testing.assert_allclose(unet.winograd_kernel(jnp.float32(kernel)), want, rtol=1e-6,
+  np.testing.assert_allclose(cpu_conv.winograd_kernel(jnp.float32(kernel)), want, rtol=1e-6,
                              atol=1e-6)
   with pytest.raises(ValueError, match="even H and W"):
-    unet.winograd_conv(jnp.zeros((1, 5, 4, 2)), jnp.zeros((16, 2, 3)), jnp.zeros(3))
+    cpu_conv.winograd_conv(jnp.zeros((1, 5, 4, 2)), jnp.zeros((16, 2, 3)), jnp.zeros(3))
 
 
 def test_use_winograd_rule():
-  assert unet.use_winograd((1, 32, 32, 768), 256)
-  assert unet.use_winograd((2, 128, 128, 256), 256)
-  assert not unet.use_winograd((2, 64, 64, 128), 128)      # 128 outputs: slower measured
-  assert not unet.use_winograd((1, 256, 256, 256), 256)    # beyond 128 x 128
-  assert not unet.use_winograd((1, 8, 8, 256), 256)        # im2col size
-  assert not unet.use_winograd((1, 18, 15, 256), 256)      # odd width
+  assert cpu_conv.use_winograd((1, 32, 32, 768), 256)
+  assert cpu_conv.use_winograd((2, 128, 128, 256), 256)
+  assert not cpu_conv.use_winograd((2, 64, 64, 128), 128)      # 128 outputs: slower measured
+  assert not cpu_conv.use_winograd((1, 256, 256, 256), 256)    # beyond 128 x 128
+  assert not cpu_conv.use_winograd((1, 8, 8, 256), 256)        # im2col size
+  assert not cpu_conv.use_winograd((1, 18, 15, 256), 256)      # odd width
 
 
 def test_cached_winograd_kernels_give_the_same_outputs():
   # base 256 at 16 x 16: every stride-1 3x3 conv of the encoder and decoder runs by Winograd.
   model = CondUNet(out_channels=4, base=256, channel_mults=(1, 1), num_res_down=1,
-                   num_res_up=2, attn_levels=(), groups=8, dropout=0.0)
+                   num_res_up=2, attn_levels=(), groups=8, dropout=0.0, policy=CPU)
   rng = np.random.default_rng(13)
   x = jnp.asarray(rng.normal(size=(1, 16, 16, 4)), jnp.float32)
   cond = jnp.asarray(rng.normal(size=(1, 16, 16, 3)), jnp.float32)
   t = jnp.array([250])
   p = unet.init_params(model, jax.random.key(1), x.shape, cond.shape)
-  cached = jax.jit(lambda p: unet.with_winograd_kernels(model, p, x.shape, cond.shape))(p)
+  cached = jax.jit(lambda p: cpu_conv.with_winograd_kernels(model, p, x.shape, cond.shape))(p)
   kernels = {jax.tree_util.keystr(path[:-1]): leaf for path, leaf in
              jax.tree_util.tree_flatten_with_path(cached)[0]
              if path[-1].key == "winograd_kernel"}
@@ -333,11 +336,11 @@ def test_cached_winograd_kernels_give_the_same_outputs():
   assert "['conv_in']" in kernels and "['encoder']['level0_res0']['conv1']" in kernels
   assert not any("level1" in k for k in kernels)
   np.testing.assert_allclose(kernels["['conv_in']"],
-                             unet.winograd_kernel(p["conv_in"]["kernel"]), rtol=1e-6)
+                             cpu_conv.winograd_kernel(p["conv_in"]["kernel"]), rtol=1e-6)
   apply = jax.jit(lambda p: model.apply({"params": p}, x, cond, t))
   plain = apply(p)
   np.testing.assert_allclose(apply(cached), plain, rtol=1e-5, atol=1e-5)
-  xla = model.clone(conv_impl="xla")
+  xla = model.clone(policy=GPU)
   np.testing.assert_allclose(plain, xla.apply({"params": p}, x, cond, t), rtol=1e-4,
                              atol=1e-4)
 
@@ -347,21 +350,21 @@ def test_upsample_conv_equals_conv_of_nearest_upsample(hw):
   h, kernel, bias = _conv_case(10, (2, *hw, 5), 6)
   up = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
   want = _lax_conv(up, kernel, bias, 1)
-  got = unet.upsample_conv(h, kernel, bias)
+  got = cpu_conv.upsample_conv(h, kernel, bias)
   assert got.shape == (2, 2 * hw[0], 2 * hw[1], 6)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("strides, hw", [(1, 16), (1, 4), (2, 16), (2, 4)])
-def test_conv3x3_xla_is_nn_conv_and_auto_agrees(strides, hw):
-  """impl="xla" is nn.Conv bit for bit (same params); "auto" agrees on both sides of the
+def test_conv3x3_xla_is_nn_conv_and_cpu_agrees(strides, hw):
+  """impl="xla" is nn.Conv bit for bit (same params); "cpu" agrees on both sides of the
   small-map threshold (16 x 16 = 256 pixels uses lax.conv, 4 x 4 the matmul)."""
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.normal(size=(2, hw, hw, 5)), jnp.float32)
   ref = nn.Conv(6, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)))
   p = ref.init(jax.random.key(0), x)
   xla = unet.Conv3x3(6, strides, impl="xla")
-  auto = unet.Conv3x3(6, strides, impl="auto")
+  auto = unet.Conv3x3(6, strides, impl="cpu")
   p_new = xla.init(jax.random.key(0), x)
   # Same names, shapes and (same RNG path) values as nn.Conv: checkpoints are unchanged.
   assert jax.tree_util.tree_structure(p_new) == jax.tree_util.tree_structure(p)
@@ -380,7 +383,7 @@ def test_group_norm_matches_flax_group_norm(shape, groups):
   x = jnp.asarray(rng.normal(size=shape) * 3 + 2, jnp.float32)  # offset: tests the mean
   ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5)
   p = ref.init(jax.random.key(0), x)
-  mine = unet.GroupNorm(groups)
+  mine = cpu_conv.GroupNorm(groups)
   assert jax.tree_util.tree_map(jnp.shape, mine.init(jax.random.key(0), x)) == \
       jax.tree_util.tree_map(jnp.shape, p)
   p = {"params": {"scale": jnp.asarray(rng.normal(size=shape[-1]), jnp.float32),
@@ -399,12 +402,13 @@ def _count_convs(fn, *args):
              for e in jax.make_jaxpr(fn)(*args).eqns)
 
 
-def test_conv_impl_auto_matches_xla_same_param_tree():
+def test_cpu_policy_matches_gpu_policy_same_param_tree():
   # Three levels at 16 x 16: maps 16 (lax.conv), 8 and 4 (matmul: 3x3 convs, the 8 -> 4
   # downsample and the 4 -> 8 upsample conv).
   cfg = dict(TINY, channel_mults=(1, 2, 2), attn_levels=(2,))
-  auto, xla = CondUNet(out_channels=4, **cfg), CondUNet(out_channels=4, conv_impl="xla", **cfg)
-  assert unet.SMALL_MAP_MAX_PIXELS < 16 * 16 and unet.SMALL_MAP_MAX_PIXELS >= 8 * 8
+  auto = CondUNet(out_channels=4, policy=CPU, **cfg)
+  xla = CondUNet(out_channels=4, policy=GPU, **cfg)
+  assert cpu_conv.SMALL_MAP_MAX_PIXELS < 16 * 16 and cpu_conv.SMALL_MAP_MAX_PIXELS >= 8 * 8
   shapes = [jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 16, 16, 4)),
                            jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32))
             for m in (auto, xla)]
@@ -421,23 +425,40 @@ def test_conv_impl_auto_matches_xla_same_param_tree():
   out_xla = jax.jit(xla.apply)(p, x, cond, t)
   np.testing.assert_allclose(out_auto, out_xla, rtol=1e-4, atol=1e-5)
   assert np.std(out_xla) > 0.1  # a real signal, not a near-zero output
-  # "auto" really takes the matmul path on the small maps: fewer convolutions remain.
+  # The CPU policy really takes the matmul path on the small maps: fewer convolutions.
   n_auto = _count_convs(lambda p: auto.apply(p, x, cond, t), p)
   n_xla = _count_convs(lambda p: xla.apply(p, x, cond, t), p)
   assert n_auto < n_xla
 
 
-def test_bad_conv_impl_raises():
-  model = CondUNet(out_channels=4, conv_impl="cudnn", **TINY)
+def test_gpu_policy_runs_every_3x3_kernel_as_a_native_convolution():
+  # Acceptance (accelerator path traced on CPU): under the GPU policy every 3 x 3 U-Net
+  # kernel is one conv_general_dilated (none by im2col / phase / Winograd rewrites).
+  model = CondUNet(out_channels=4, policy=GPU, **dict(TINY, channel_mults=(1, 2, 2)))
+  x, cond, t = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), int)
+  p = {"params": _init(model, hw=16)}
+  kernels3 = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(p)[0]
+              if path[-1].key == "kernel" and leaf.shape[:2] == (3, 3)]
+  jaxpr = jax.make_jaxpr(lambda p: model.apply(p, x, cond, t))(p)
+  convs = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "conv_general_dilated"]
+  windows = [e.invars[1].aval.shape[:2] for e in convs]
+  # conv_in, cond_in (applied once) and every other 3x3 kernel: one native conv each.
+  assert windows.count((3, 3)) == len(kernels3)
   with pytest.raises(ValueError, match="conv_impl"):
-    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 4)),
-                   jnp.zeros((1, 16, 16, 3)), jnp.zeros((1,), jnp.int32))
+    Policy(conv_impl="cudnn")
+
+
+def _all_eqns(jaxpr):
+  for e in jaxpr.eqns:
+    yield e
+    for sub in jax.core.subjaxprs(e) if hasattr(jax.core, "subjaxprs") else ():
+      yield from _all_eqns(sub)
 
 
 @pytest.mark.slow
 def test_paper_unet_auto_matches_xla_at_64():
   """The paper U-Net at 64 x 64 (maps 64 ... 1): both conv implementations agree."""
-  models = [CondUNet(out_channels=48, conv_impl=impl) for impl in ("auto", "xla")]
+  models = [CondUNet(out_channels=48, policy=p) for p in (CPU, GPU)]
   p = {"params": unet.init_params(models[0], jax.random.key(0), (1, 64, 64, 48),
                                   (1, 64, 64, 12))}
   rng = np.random.default_rng(9)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hsijax import diffusion, sharding
+from hsijax.policy import Policy
 from hsijax.sdp import train
 from hsijax.sdp.denoiser import SpectralDenoiser
 from test_sdp_denoiser import reference_forward
@@ -162,8 +163,8 @@ def test_settings_build_the_model_and_donation_rule():
   model = train.PriorSettings(hidden=HID).model(B)
   assert (model.num_bands, model.hidden, model.precision) == (B, HID, "default")
   assert train.PriorSettings(precision="bfloat16").model(B).precision == "bfloat16"
-  # CPU: the train step is not donated (measured faster); accelerators would donate.
-  assert train.donate_state(sharding.make_mesh(None)) is False
+  # CPU: the train step is not donated (measured faster); accelerators donate.
+  assert not Policy.for_backend("cpu").donate and Policy.for_backend("gpu").donate
 
 
 def test_bfloat16_train_step_close_to_float32():
@@ -175,3 +176,29 @@ def test_bfloat16_train_step_close_to_float32():
   _, l16 = jax.jit(train.make_train_step(m16, sched, opt))(state, batch, key)
   a, b = float(l32["loss"]), float(l16["loss"])
   assert a != b and abs(a - b) < 2e-2 * a
+
+
+def test_k_steps_per_dispatch_match_step_by_step_training(monkeypatch):
+  # Acceptance of the accelerator-first training: N steps in N / k dispatches (batches drawn
+  # on the device) end with the parameters of one step per dispatch, bit for bit.
+  from hsijax import trainloop
+  calls = []
+  real_run = trainloop.run
+
+  def counting_run(fn, state, **kw):
+    return real_run(lambda s, n: (calls.append(int(n)), fn(s, n))[1], state, **kw)
+
+  monkeypatch.setattr(trainloop, "run", counting_run)
+  pixels = _pixels(200)
+  settings = train.PriorSettings(**(SMALL | {"log_every": 10, "checkpoint_every": 100}))
+  fit = lambda k: train.fit(pixels, steps=20, key=3, settings=settings, show_progress=False,
+                            policy=Policy.for_backend("cpu").replace(steps_per_call=k))
+  a, hist_a = fit(5)
+  assert calls == [5, 5, 5, 5]
+  calls.clear()
+  b, hist_b = fit(1)
+  assert len(calls) == 20
+  for x, y in zip(jax.tree_util.tree_leaves((a.params, a.ema_params, a.opt_state)),
+                  jax.tree_util.tree_leaves((b.params, b.ema_params, b.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert hist_a == hist_b and hist_a["step"] == [10, 20]

@@ -18,7 +18,7 @@ passes, no sort): 1.9 ms for M = 200k values on this CPU vs 8.7 ms for lax.top_k
 largest 12% and more for a full sort; `per_sample_quantile(..., method="sort")` sorts.
 
 Before the scan a CondUNet's Winograd kernels (CPU, wide layers) are transformed once
-(`unet.with_winograd_kernels`), not at every step.
+(`kernels.cpu_conv.with_winograd_kernels`), not at every step.
 
 Randomness: x_T = normal(k_init), the noise added at position i is normal(fold_in(k_noise,
 i)) with (k_init, k_noise) = split(key): results do not depend on how the chain or the
@@ -43,7 +43,8 @@ import numpy as np
 
 from hsijax import diffusion, progress
 from hsijax.scdm import cascade
-from hsijax.scdm.unet import CondUNet, deinterleave, interleave, with_winograd_kernels
+from hsijax.kernels.cpu_conv import with_winograd_kernels
+from hsijax.scdm.unet import CondUNet, deinterleave, interleave
 
 PDT_TARGETS = (None, "eps", "x")
 
@@ -290,7 +291,7 @@ def _stage_sampler(model: Any, schedule: diffusion.Schedule, settings: SamplerSe
                        "axis with cond[None]")
     k_init, k_noise = jax.random.split(key)
     x_T = jax.random.normal(k_init, cond.shape[:3] + (out_channels,), jnp.float32)
-    if isinstance(model, CondUNet):  # kernel transforms once per chain, not per step
+    if isinstance(model, CondUNet) and model.conv_impl == "cpu":  # once per chain, not per step
       params = with_winograd_kernels(model, params, x_T.shape, cond.shape)
 
     def body(x, i):

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from hsijax import diffusion, sharding, trainloop
+from hsijax import policy as policy_lib
 from hsijax import settings as settings_lib
 from hsijax.checkpoint import Checkpointer
 from hsijax.scdm.unet import CondUNet, init_params
@@ -230,14 +231,24 @@ def random_crops(images: Any, size: int, batch: int, key_or_step: Any, *,
   return jax.tree_util.tree_unflatten(treedef, crops)
 
 
-def _local_part(batch: Any) -> Any:
-  """On several hosts each process feeds its contiguous slice of the global batch."""
-  pc = jax.process_count()
-  if pc == 1:
-    return batch
-  pi = jax.process_index()
-  return jax.tree_util.tree_map(
-      lambda a: a[pi * (len(a) // pc):(pi + 1) * (len(a) // pc)], batch)
+def device_crops(images: dict[str, jax.Array], size: int, batch: int, key: jax.Array
+                 ) -> dict[str, jax.Array]:
+  """`batch` random size x size crops of device-resident images, drawn on the device.
+
+  images: {"x": (M, H, W, C), "cond": (M, H, W, C_cond)} cropped at the same windows; the
+  image, row and column of crop n come from three keys split from `key`.
+  """
+  m, h, w = images["x"].shape[:3]
+  k_i, k_r, k_c = jax.random.split(key, 3)
+  idx = jax.random.randint(k_i, (batch,), 0, m)
+  rows = jax.random.randint(k_r, (batch,), 0, h - size + 1)
+  cols = jax.random.randint(k_c, (batch,), 0, w - size + 1)
+
+  def crop(a):
+    one = lambda i, r, c: jax.lax.dynamic_slice(a[i], (r, c, 0), (size, size, a.shape[-1]))
+    return jax.vmap(one)(idx, rows, cols)
+
+  return {k: crop(v) for k, v in images.items()}
 
 
 # ----------------------------------------------------------------------------
@@ -251,8 +262,13 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
         ema_start: int = 2000, key: Any = 0, workdir: str | pathlib.Path | None = None,
         checkpoint_every: int = 1000, max_to_keep: int = 3, mesh: Any = None,
         log_every: int = 100, desc: str = "SCDM stage",
-        prediction: str = "eps", lr_decay_steps: int = 0) -> tuple[TrainState, dict]:
+        prediction: str = "eps", lr_decay_steps: int = 0,
+        policy: policy_lib.Policy | None = None) -> tuple[TrainState, dict]:
   """Trains one stage with hsijax.trainloop.run; resumes from workdir/checkpoints.
+
+  The images live on the devices (replicated) and every step crops its batch there
+  (`device_crops`); `policy.steps_per_call` steps run per dispatch, with the same result as
+  one step per dispatch.
 
   Args:
     model: the stage's U-Net (out_channels = x_images' channels).
@@ -264,12 +280,14 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
     batch_size: global batch, split over the mesh `data` axis (a multiple of its size).
     crop_size: random crop side (a multiple of 2 ** (levels - 1)).
     key: PRNG key or int seed, split into (init, step, crop) keys; the crops of step s
-      come from fold_in(crop_key, s), so a resumed run sees the same batches.
+      come from fold_in(crop_key, s) and its noise from fold_in(step_key, s), so a
+      resumed run sees the same batches.
     workdir: checkpoints go to workdir/checkpoints every `checkpoint_every` steps and at
       the end; None = no checkpoints.
     mesh: device mesh (default: all devices on `data`); parameters are replicated.
     prediction: network target, "eps" (paper) or "v".
     lr_decay_steps: > 0 decays the learning rate (cosine, to 1%) over that many steps.
+    policy: platform choices (steps per dispatch, donation); None = the backend's.
 
   Returns:
     (final TrainState, history {"step": [...], "loss": [...]}).
@@ -279,6 +297,10 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
     raise ValueError(f"x_images have {x_images.shape[-1]} bands but the model makes "
                      f"{model.out_channels}; build CondUNet(out_channels="
                      f"{x_images.shape[-1]})")
+  if not 1 <= crop_size <= min(x_images.shape[1:3]):
+    raise ValueError(f"crop size {crop_size} does not fit images of "
+                     f"{x_images.shape[1]} x {x_images.shape[2]}")
+  policy = policy_lib.resolve(policy)
   mesh = sharding.make_mesh(None) if mesh is None else mesh
   optimizer = make_optimizer(learning_rate, lr_decay_steps)
   init_key, step_key, crop_key = jax.random.split(settings_lib.as_key(key), 3)
@@ -290,21 +312,30 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
                          sam_weight=sam_weight, cond_drop=cond_drop, ema_decay=ema_decay,
                          ema_start=ema_start, prediction=prediction, jit=False)
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
-  step = jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
-                 donate_argnums=0)
-  images = {"x": x_images, "cond": cond_images}
 
-  def batch_fn(s: int):
-    crops = random_crops(images, crop_size, batch_size, jax.random.fold_in(crop_key, s))
-    return sharding.shard_batch(_local_part(crops), mesh)
+  def run(state, count, images, step_key, crop_key):
+    def one(state):
+      crops = device_crops(images, crop_size, batch_size,
+                           jax.random.fold_in(crop_key, state.step))
+      crops = jax.lax.with_sharding_constraint(crops, data)
+      state, metrics = step(state, crops, jax.random.fold_in(step_key, state.step))
+      return state, metrics["loss"]
+    return trainloop.multi_step(one)(state, count)
+
+  run = jax.jit(run, in_shardings=(rep,) * 5, out_shardings=(rep, rep),
+                donate_argnums=(0,) if policy.donate else ())
+  images = {"x": sharding.put_global(x_images, rep),
+            "cond": sharding.put_global(cond_images, rep)}
+  keys = sharding.replicate([step_key, crop_key], mesh)
 
   ckpt = None
   if workdir is not None:
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=max_to_keep,
                         save_interval_steps=checkpoint_every)
   try:
-    return trainloop.run(step, state, batch_fn, num_steps=num_steps, key=step_key,
-                         checkpointer=ckpt, log_every=log_every, desc=desc)
+    return trainloop.run(lambda st, count: run(st, count, images, *keys), state,
+                         num_steps=num_steps, checkpointer=ckpt, log_every=log_every,
+                         steps_per_call=int(policy.steps_per_call), desc=desc)
   finally:
     if ckpt is not None:
       ckpt.close()

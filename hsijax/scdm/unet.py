@@ -43,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsijax import diffusion
-
-TORCH_GROUPNORM_EPS = 1e-5
+from hsijax import policy as policy_lib
+from hsijax.kernels import cpu_conv
+from hsijax.kernels.cpu_conv import TORCH_GROUPNORM_EPS, with_winograd_kernels  # noqa: F401
 
 
 def group_count(channels: int, groups: int) -> int:
@@ -55,41 +56,12 @@ def group_count(channels: int, groups: int) -> int:
   return g
 
 
-class GroupNorm(nn.Module):
-  """GroupNorm of (N, ..., C) over all non-batch axes per group, with nn.GroupNorm's params.
-
-  Parameters "scale" and "bias" (C,), so it is interchangeable with nn.GroupNorm. Same
-  statistics (one pass, var = E[x^2] - E[x]^2 in float32, clipped at 0), reduced in two
-  steps: per-channel sums over the spatial axes (a contiguous reduction that keeps the
-  channel axis, ~1.5-2x faster on XLA:CPU than reducing over the (H, W, C / G) group
-  directly), then per-group sums of those; the normalisation is one fused x * a + b.
-  """
-  num_groups: int
-  epsilon: float = TORCH_GROUPNORM_EPS
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    n, c = x.shape[0], x.shape[-1]
-    g = self.num_groups
-    scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
-    axes = tuple(range(1, x.ndim - 1))
-    count = float(np.prod(x.shape[1:-1])) * (c // g)
-    mean = jnp.sum(x, axes).reshape(n, g, c // g).sum(-1) / count                # (N, G)
-    mean_sq = jnp.sum(jnp.square(x), axes).reshape(n, g, c // g).sum(-1) / count
-    inv = jax.lax.rsqrt(jnp.maximum(mean_sq - jnp.square(mean), 0.0) + self.epsilon)
-    a = jnp.repeat(inv, c // g, axis=1) * scale                                 # (N, C)
-    b = bias - jnp.repeat(mean, c // g, axis=1) * a
-    shape = (n,) + (1,) * (x.ndim - 2) + (c,)
-    return x * a.reshape(shape) + b.reshape(shape)
-
-
-def _group_norm(channels: int, groups: int, name: str, impl: str = "auto") -> nn.Module:
-  """GroupNorm with torch's epsilon; impl "xla" is flax's nn.GroupNorm (same params)."""
+def _group_norm(channels: int, groups: int, name: str, impl: str) -> nn.Module:
+  """GroupNorm with torch's epsilon: flax's, or the CPU kernel's (same params)."""
   g = group_count(channels, groups)
-  if impl == "xla":
-    return nn.GroupNorm(num_groups=g, epsilon=TORCH_GROUPNORM_EPS, name=name)
-  return GroupNorm(g, name=name)
+  if impl == "cpu":
+    return cpu_conv.GroupNorm(g, name=name)
+  return nn.GroupNorm(num_groups=g, epsilon=TORCH_GROUPNORM_EPS, name=name)
 
 
 def interleave(*arrays: jax.Array) -> jax.Array:
@@ -104,211 +76,63 @@ def deinterleave(ab: jax.Array, k: int = 2) -> tuple[jax.Array, ...]:
   return tuple(rows[:, j] for j in range(k))
 
 
-CONV_IMPLS = ("auto", "xla")
-# Largest H * W of a map whose 3x3 convolutions run as im2col + one matmul under
-# conv_impl="auto" (measured on the paper U-Net, docs/benchmarks.md "SCDM U-Net conv").
-SMALL_MAP_MAX_PIXELS = 64
-
-
-def _conv_taps(size: int, out_size: int, stride: int, pad: int, k: int) -> tuple[int, int]:
-  """[first, last) kernel taps along one axis that touch at least one real input pixel."""
-  used = [i for i in range(k)
-          if any(0 <= o * stride + i - pad < size for o in range(out_size))]
-  return used[0], used[-1] + 1
-
-
-def im2col_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1,
-                pad: int = 1) -> jax.Array:
-  """Convolution as one matmul over gathered taps; equals lax.conv with padding `pad`.
-
-  (N, H, W, C_in), kernel (k, k, C_in, C_out), bias (C_out,) -> (N, H', W', C_out) with
-  H' = (H + 2 pad - k) // stride + 1. Taps that only ever see padding are dropped (on a
-  1 x 1 map only the centre tap is left), so the matmul is (N H' W', taps C_in) x
-  (taps C_in, C_out).
-  """
-  n, h, w, cin = x.shape
-  k = kernel.shape[0]
-  ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-  i0, i1 = _conv_taps(h, ho, stride, pad, k)
-  j0, j1 = _conv_taps(w, wo, stride, pad, k)
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  cols = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-          for i in range(i0, i1) for j in range(j0, j1)]
-  cols = cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-  taps = kernel[i0:i1, j0:j1].reshape(-1, kernel.shape[-1])
-  return (cols.reshape(n * ho * wo, -1) @ taps).reshape(n, ho, wo, -1) + bias
-
-
-def _upsample_taps(kernel: jax.Array) -> jax.Array:
-  """3x3 kernel -> the four 2x2 kernels of a nearest-x2-upsample-then-conv, (2, 2, C_in, 4 C_out).
-
-  Along one axis, output pixel 2i + a of conv(upsample(h)) reads h[i - 1], h[i], h[i] for
-  a = 0 and h[i], h[i], h[i + 1] for a = 1: taps (k0, k1 + k2) at offsets (-1, 0), or
-  (k0 + k1, k2) at offsets (0, +1). Output channels are ordered (a, b, C_out).
-  """
-  def phases(k, axis):  # the two 2-tap combinations of a 3-tap axis
-    k0, k1, k2 = (jnp.take(k, i, axis=axis) for i in range(3))
-    return (jnp.stack([k0, k1 + k2], axis=axis), jnp.stack([k0 + k1, k2], axis=axis))
-  per_phase = [kb for ka in phases(kernel, 0) for kb in phases(ka, 1)]
-  cin, cout = kernel.shape[2:]
-  return jnp.stack(per_phase, axis=3).reshape(2, 2, cin, 4 * cout)
-
-
-def upsample_conv(h: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """conv3x3(nearest_upsample_x2(h)), padding 1, without building the upsampled map.
-
-  (N, H, W, C_in) -> (N, 2H, 2W, C_out). Each of the four output phases (a, b) is a 2x2
-  convolution of h (4 instead of 9 taps, ~2.2x fewer FLOPs): one 2x2 convolution with
-  4 C_out channels at the (H + 1) x (W + 1) corner positions of the padded h, then pixel
-  (2i + a, 2j + b) takes phase (a, b) at corner (i + a, j + b).
-  """
-  n, height, width, _ = h.shape
-  cout = kernel.shape[-1]
-  z = jax.lax.conv_general_dilated(h, _upsample_taps(kernel), (1, 1), ((1, 1), (1, 1)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  z = z.reshape(n, height + 1, width + 1, 2, 2, cout)
-  rows = [jnp.stack([z[:, a:a + height, b:b + width, a, b] for b in range(2)], axis=3)
-          for a in range(2)]  # each (N, H, W, 2 (b), C_out)
-  return jnp.stack(rows, axis=2).reshape(n, 2 * height, 2 * width, cout) + bias
-
-
-# Winograd F(2x2, 3x3): Y = A^T [(G k G^T) * (B^T d B)] A per 4 x 4 input tile d and 2 x 2
-# output tile (Lavin & Gray 2016): 16 instead of 36 multiplications per output tile.
-def _wino_g(k0, k1, k2):
-  """The four rows of G k for k = (k0, k1, k2) along one axis."""
-  return k0, 0.5 * (k0 + k1 + k2), 0.5 * (k0 - k1 + k2), k2
-
-
-def winograd_kernel(kernel: jax.Array) -> jax.Array:
-  """(3, 3, C_in, C_out) -> the 16 transformed kernels G k G^T, (16, C_in, C_out).
-
-  Written as adds of kernel slices (one elementwise pass): as an einsum XLA makes it a
-  (9 C_in C_out / 3, 3) x (3, 4) matmul plus transposes, ~10x slower.
-  """
-  rows = _wino_g(*(kernel[a] for a in range(3)))                   # each (3, C_in, C_out)
-  return jnp.stack([c for r in rows for c in _wino_g(*(r[b] for b in range(3)))])
-
-
-def _wino_bt(d0, d1, d2, d3):
-  """The four rows of B^T d for d = (d0, d1, d2, d3) along one axis."""
-  return d0 - d2, d1 + d2, d2 - d1, d1 - d3
-
-
-def winograd_conv(x: jax.Array, u: jax.Array, bias: jax.Array) -> jax.Array:
-  """3x3 convolution, stride 1, padding 1, by Winograd F(2x2, 3x3); equals lax.conv.
-
-  (N, H, W, C_in) with even H, W, u = winograd_kernel(kernel) (16, C_in, C_out), bias
-  (C_out,) -> (N, H, W, C_out). The input is cut into (H/2)(W/2) overlapping 4 x 4 tiles, each
-  transformed to 16 components (adds only), multiplied by the 16 transformed kernels as 16
-  (N H W / 4, C_in) x (C_in, C_out) matmuls, and transformed back to 2 x 2 outputs: 2.25x
-  fewer multiplications than the direct convolution, for 4x the input's size in
-  transformed tiles. Float32 error ~1e-6 relative (the transforms have entries 0, +-1/2, +-1).
-  """
-  n, h, w, cin = x.shape
-  if h % 2 or w % 2:
-    raise ValueError(f"winograd_conv needs even H and W, got {(h, w)}")
-  # Materialised once: fused into the 16 slices below, the producer (GroupNorm + SiLU)
-  # would be recomputed for every tile component.
-  xp = jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
-  rows = _wino_bt(*(xp[:, a:a + h:2] for a in range(4)))            # (N, H/2, W+2, C_in)
-  parts = [c for r in rows for c in _wino_bt(*(r[:, :, b:b + w:2] for b in range(4)))]
-  v = jnp.stack(parts).reshape(16, -1, cin)                         # (16, N H W / 4, C_in)
-  m = jnp.einsum("ktc,kcd->ktd", v, u).reshape(4, 4, n, h // 2, w // 2, -1)
-  # A^T m A with A^T = [[1, 1, 1, 0], [0, 1, -1, -1]], first along the tile rows.
-  p = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
-  y = jnp.stack([jnp.stack([q[0] + q[1] + q[2], q[1] - q[2] - q[3]], axis=3) for q in p],
-                axis=2)                                             # (N, H/2, 2, W/2, 2, C)
-  return y.reshape(n, h, w, -1) + bias
-
-
-def use_winograd(shape: Sequence[int], features: int) -> bool:
-  """Whether conv_impl="auto" runs a stride-1 3x3 convolution of an (N, H, W, C_in) input
-  with `features` outputs by `winograd_conv`: on CPU, for 256+ output channels on maps
-  larger than the im2col ones and up to 128 x 128, where it measured faster than XLA:CPU's
-  convolution (docs/benchmarks.md, session 4; e.g. 32 x 32, 768 -> 256: 12.9 -> 7.2 ms;
-  128 x 128, 768 -> 256: 168 -> 122 ms). Not for 128 channels (64 x 64, 128 -> 128: 7.8 vs
-  9.8 ms) or 256 x 256 maps (the transformed tiles leave the caches). On GPU / TPU the
-  vendor convolutions already pick fast algorithms.
-  """
-  _, h, w, _ = shape
-  return (jax.default_backend() == "cpu" and features >= 256 and h % 2 == 0 and
-          w % 2 == 0 and SMALL_MAP_MAX_PIXELS < h * w <= 128 * 128)
-
-
 class Conv3x3(nn.Module):
   """3x3 convolution, padding 1 (SAME for stride 1), with nn.Conv's parameters.
 
   (N, H, W, C_in) -> (N, H / stride, W / stride, features), or with upsample=True
   conv(nearest_upsample_x2(x)) -> (N, 2H, 2W, features). Parameters "kernel" (3, 3, C_in,
-  features) and "bias" (features,), initialised like nn.Conv, so checkpoints and
-  `init_params` do not depend on `impl`.
-
-  impl "xla": lax.conv_general_dilated (what nn.Conv runs) on the (upsampled) input.
-  impl "auto": the same function, computed faster on XLA:CPU:
-    * maps (after upsampling) with H * W <= SMALL_MAP_MAX_PIXELS: im2col + one matmul.
-      XLA:CPU runs small-map convolutions through a slow path (it swaps the operands and
-      reverses the kernel on every call: ~70 ms for a 2 x 2 x 512 map that needs 0.8 ms
-      as a matmul);
-    * larger upsampling convs: `upsample_conv` (4 phase kernels of 2x2 taps);
-    * on CPU, stride-1 convs of the shapes in `use_winograd` (256+ output channels on
-      16 x 16 ... 128 x 128 maps): `winograd_conv`, with the transformed kernel taken from
-      the params when `with_winograd_kernels` cached it there.
+  features) and "bias" (features,), initialised like nn.Conv. impl "xla": the native
+  convolution; "cpu": the same function by `hsijax.kernels.cpu_conv.conv3x3`, which takes
+  Winograd kernels from the params when `with_winograd_kernels` cached them there.
   """
   features: int
   strides: int = 1
-  impl: str = "auto"
+  impl: str = "xla"
   upsample: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.impl not in CONV_IMPLS:
-      raise ValueError(f"unknown conv_impl {self.impl!r}; use one of {CONV_IMPLS}")
+    if self.impl not in policy_lib.CONV_IMPLS:
+      raise ValueError(f"unknown conv impl {self.impl!r}; use one of {policy_lib.CONV_IMPLS}")
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (3, 3, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    scale = 2 if self.upsample else 1
-    small = x.shape[1] * x.shape[2] * scale ** 2 <= SMALL_MAP_MAX_PIXELS
-    if self.upsample and self.impl == "auto" and not small:
-      return upsample_conv(x, kernel, bias)
+    if self.impl == "cpu":
+      return cpu_conv.conv3x3(x, kernel, bias, strides=self.strides, upsample=self.upsample,
+                              winograd=lambda: self._winograd_kernel(kernel))
     if self.upsample:
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    if self.impl == "auto" and small:
-      return im2col_conv(x, kernel, bias, self.strides)
-    if self.impl == "auto" and self.strides == 1 and use_winograd(x.shape, self.features):
-      # The transformed kernel from the params when `with_winograd_kernels` put it there
-      # (the sampler: computed once, not at every step), else here.
-      if self.has_variable("params", "winograd_kernel"):
-        u = self.get_variable("params", "winograd_kernel")
-      else:
-        u = winograd_kernel(kernel)
-        if self.is_mutable_collection("winograd") and not self.is_initializing():
-          self.put_variable("winograd", "winograd_kernel", u)
-      return winograd_conv(x, u, bias)
     y = jax.lax.conv_general_dilated(x, kernel, (self.strides,) * 2, ((1, 1), (1, 1)),
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + bias
 
+  def _winograd_kernel(self, kernel: jax.Array) -> jax.Array:
+    """The transformed kernel from the params if cached there (the sampler), else now."""
+    if self.has_variable("params", "winograd_kernel"):
+      return self.get_variable("params", "winograd_kernel")
+    u = cpu_conv.winograd_kernel(kernel)
+    if self.is_mutable_collection("winograd") and not self.is_initializing():
+      self.put_variable("winograd", "winograd_kernel", u)
+    return u
+
 
 class Conv1x1(nn.Module):
-  """1x1 convolution with nn.Conv's parameters ("kernel" (1, 1, C_in, features), "bias").
-
-  impl "auto" computes it as one (N H W, C_in) x (C_in, features) matmul: on XLA:CPU that
-  runs 2-2.5x faster than the same 1x1 lax.conv (e.g. 64 x 64 x 384 -> 128: 1.1 vs 2.5 ms);
-  impl "xla" is the lax.conv that nn.Conv runs.
-  """
+  """1x1 convolution with nn.Conv's parameters ("kernel" (1, 1, C_in, features), "bias");
+  impl "cpu" computes it as one (N H W, C_in) x (C_in, features) matmul (2-2.5x faster on
+  XLA:CPU than the 1x1 lax.conv)."""
   features: int
-  impl: str = "auto"
+  impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (1, 1, x.shape[-1], self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-    if self.impl == "xla":
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      return y + bias
-    return im2col_conv(x, kernel, bias, stride=1, pad=0)  # one tap: a plain matmul
+    if self.impl == "cpu":
+      return cpu_conv.im2col_conv(x, kernel, bias, stride=1, pad=0)  # one tap: a matmul
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias
 
 
 class Attention(nn.Module):
@@ -318,7 +142,7 @@ class Attention(nn.Module):
   sqrt(C)) v, output 1x1 projection, plus the input.
   """
   groups: int = 32
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
@@ -340,7 +164,7 @@ class ResBlock(nn.Module):
   groups: int = 32
   dropout: float = 0.1
   attention: bool = False
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -361,7 +185,7 @@ class ResBlock(nn.Module):
 
 class Downsample(nn.Module):
   """3x3 convolution with stride 2 and padding 1 (torch's placement): (N, H, W, C) -> H/2."""
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
@@ -370,7 +194,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2 then a 3x3 convolution: (N, H, W, C) -> (N, 2H, 2W, C)."""
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
@@ -385,7 +209,7 @@ class Encoder(nn.Module):
   attn_levels: Sequence[int]
   dropout: float
   groups: int
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> list[jax.Array]:
@@ -407,7 +231,7 @@ class Middle(nn.Module):
   groups: int
   dropout: float
   attention: bool
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, h: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
@@ -426,7 +250,7 @@ class Decoder(nn.Module):
   attn_levels: Sequence[int]
   dropout: float
   groups: int
-  conv_impl: str = "auto"
+  conv_impl: str = "xla"
 
   @nn.compact
   def __call__(self, h: jax.Array, skips_x: list[jax.Array], skips_c: list[jax.Array],
@@ -468,12 +292,10 @@ class CondUNet(nn.Module):
     mid_attn: self-attention between the two middle ResBlocks.
     dropout: rate inside every ResBlock, used only with train=True (rng "dropout").
     groups: GroupNorm groups, lowered per layer to the largest divisor of its channels.
-    conv_impl: "auto" (3x3 convolutions on small maps as im2col + matmul, upsampling
-      convolutions as phase kernels, wide layers on CPU by Winograd F(2x2, 3x3), see
-      Conv3x3; 1x1 skip convolutions as one matmul,
-      see Conv1x1; GroupNorm as in `GroupNorm`) or "xla"
-      (the earlier formulation: lax.conv everywhere, flax's nn.GroupNorm); same
-      parameters and function, outputs equal to float32 rounding.
+    policy: the platform policy (hsijax.policy; None = the running backend's). Its
+      conv_impl picks native convolutions ("xla") or the CPU kernels of
+      `hsijax.kernels.cpu_conv` ("cpu"); same parameters and function either way, outputs
+      equal to float32 rounding.
   """
   out_channels: int
   base: int = 128
@@ -484,12 +306,13 @@ class CondUNet(nn.Module):
   mid_attn: bool = True
   dropout: float = 0.1
   groups: int = 32
-  conv_impl: str = "auto"
+  policy: policy_lib.Policy | None = None
+
+  @property
+  def conv_impl(self) -> str:
+    return policy_lib.resolve(self.policy).conv_impl
 
   def _check(self, x: jax.Array, cond: jax.Array, t: jax.Array) -> None:
-    if self.conv_impl not in CONV_IMPLS:
-      raise ValueError(f"unknown conv_impl {self.conv_impl!r}; use one of {CONV_IMPLS} "
-                       "(\"auto\" is the fast default).")
     if self.num_res_up != self.num_res_down + 1:
       raise ValueError(
           f"num_res_up ({self.num_res_up}) must equal num_res_down + 1 "
@@ -625,31 +448,6 @@ def init_params(model: CondUNet, key: jax.Array, x_shape: Sequence[int],
     return out
 
   return jax.tree_util.tree_unflatten(treedef, build(key))["params"]
-
-
-def with_winograd_kernels(model: CondUNet, params: Any, x_shape: Sequence[int],
-                          cond_shape: Sequence[int]) -> dict:
-  """`params` plus, next to each "kernel" that runs by Winograd at these input shapes, its
-  transformed "winograd_kernel" (16, C_in, C_out).
-
-  For loops that call the model many times with the same parameters (the sampler): the
-  transform then runs once instead of at every call (XLA does not hoist it out of a scan,
-  its output is 16/9 the kernel's size). The result is only for `model.apply`; save the
-  original params. Which convolutions use Winograd is found by an abstract forward
-  (`jax.eval_shape`), so only the kernel transforms are traced. Same outputs as `params`.
-  """
-  probe = lambda shape: jnp.zeros(tuple(shape), jnp.float32)
-  _, state = jax.eval_shape(
-      lambda p: model.apply({"params": p}, probe(x_shape), probe(cond_shape),
-                            jnp.zeros((x_shape[0],), jnp.int32), mutable=["winograd"]),
-      params)
-
-  def add(p, marks):
-    out = dict(p)
-    for k, v in marks.items():
-      out[k] = winograd_kernel(p["kernel"]) if k == "winograd_kernel" else add(p[k], v)
-    return out
-  return add(params, state.get("winograd", {}))
 
 
 def count_params(params: Any) -> int:

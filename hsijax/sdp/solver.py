@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsijax import degrade, diffusion, progress
+from hsijax import degrade, diffusion, progress, sharding
+from hsijax import policy as policy_lib
 from hsijax.sdp import denoiser
 from hsijax.sdp.denoiser import SpectralDenoiser
 
@@ -57,8 +58,8 @@ NOISES = ("scene", "position")
 
 def fusion_loss(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.Array,
                 srf: jax.Array, eps: jax.Array, i: jax.Array, *, model: SpectralDenoiser,
-                schedule: diffusion.Schedule, lam: float, gam: float, ratio: int
-                ) -> jax.Array:
+                schedule: diffusion.Schedule, lam: float, gam: float, ratio: int,
+                blur_method: str = "matmul") -> jax.Array:
   """The SDP objective at schedule position `i` (sums, not means).
 
   Args:
@@ -73,7 +74,7 @@ def fusion_loss(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.
     Scalar loss.
   """
   B = X.shape[-1]
-  loss = _data_terms(X, y, z, psf, srf, lam, ratio)
+  loss = _data_terms(X, y, z, psf, srf, lam, ratio, blur_method)
   if _is_zero(gam):
     return loss  # Baseline: the prior term (and the network) drops out entirely.
   x_t = diffusion.q_sample(schedule, X, i, eps)
@@ -88,28 +89,30 @@ def _is_zero(gam: Any) -> bool:
   return np.ndim(gam) == 0 and float(gam) == 0.0
 
 
-def _data_terms(X, y, z, psf, srf, lam, ratio):
-  return lam * jnp.sum((degrade.blur_down(X, psf, ratio) - y) ** 2) + \
+def _data_terms(X, y, z, psf, srf, lam, ratio, blur_method="matmul"):
+  return lam * jnp.sum((degrade.blur_down(X, psf, ratio, method=blur_method) - y) ** 2) + \
       jnp.sum((degrade.spectral_response(X, srf) - z) ** 2)
 
 
 def fusion_grad(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.Array,
                 srf: jax.Array, eps: jax.Array, i: jax.Array, *, model: SpectralDenoiser,
                 schedule: diffusion.Schedule, lam: float, gam: float, ratio: int,
-                folded: dict[str, Any] | None = None) -> jax.Array:
+                folded: dict[str, Any] | None = None, blur_method: str = "matmul",
+                chunk: int | None = denoiser.CHUNK_PIXELS) -> jax.Array:
   """d fusion_loss / d X (same arguments), computed the fast way.
 
   The data terms go through jax.grad (cheap). The prior term's gradient is
   gam * sqrt(abar_i) * J^T 2 (eps_theta(x_t) - eps), with J^T applied by the hand-written
   input-only backward of `denoiser.apply_with_input_grad` (no weight gradients, fewest passes
   over the activations). `folded` (`denoiser.fold_time_condition` of position i) may be passed
-  in when it is shared by several inner steps. Models other than SpectralDenoiser fall back to
-  jax.grad(fusion_loss).
+  in when it is shared by several inner steps; `chunk` pixels per block of the input gradient
+  (None: all at once). Models other than SpectralDenoiser fall back to jax.grad(fusion_loss).
   """
   if not isinstance(model, SpectralDenoiser):
     return jax.grad(fusion_loss)(X, params, y, z, psf, srf, eps, i, model=model,
-                                 schedule=schedule, lam=lam, gam=gam, ratio=ratio)
-  g = jax.grad(_data_terms)(X, y, z, psf, srf, lam, ratio)
+                                 schedule=schedule, lam=lam, gam=gam, ratio=ratio,
+                                 blur_method=blur_method)
+  g = jax.grad(_data_terms)(X, y, z, psf, srf, lam, ratio, blur_method)
   if _is_zero(gam):
     return g
   B = X.shape[-1]
@@ -118,7 +121,7 @@ def fusion_grad(X: jax.Array, params: Any, y: jax.Array, z: jax.Array, psf: jax.
   x_t = diffusion.q_sample(schedule, X, i, eps)
   _, d_xt = denoiser.apply_with_input_grad(model, folded, x_t.reshape(-1, B),
                                            lambda out, e: (2.0 * gam) * (out - e),
-                                           eps.reshape(-1, B))
+                                           eps.reshape(-1, B), chunk=chunk)
   return g + schedule.sqrt_alphas_cumprod[i] * d_xt.reshape(X.shape)
 
 
@@ -178,8 +181,9 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
                 gam: float, lr: float, K: int = 3, weight_decay: float = 1e-6,
                 ema_decay: float = 0.9, init: str = "ones", ratio: int,
                 lr_scale: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
-                adam_eps: float = 1e-8, progress_every: int = 10, noise: str = "scene"
-                ) -> Callable[..., jax.Array]:
+                adam_eps: float = 1e-8, noise: str = "scene",
+                policy: policy_lib.Policy | None = None,
+                mesh: jax.sharding.Mesh | None = None) -> Callable[..., jax.Array]:
   """Builds the jitted SDP solve.
 
   Args:
@@ -196,10 +200,16 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
     lr_scale: multiplier of lr; None = `respaced_lr_scale(schedule)` (T / n: 1 for the full
       schedule, the measured best choice for respaced ones, see the module docstring).
     betas, adam_eps: Adam constants (torch defaults).
-    progress_every: progress tick every this many outer steps.
     noise: "scene" (one draw for the whole X per inner step) or "position" (each pixel's
       noise keyed by its global position `offset + (r, c)`, so windows of a scene see the
       slices of one scene-wide noise field; see the module docstring).
+    policy: platform choices (hsijax.policy; None = the running backend's): the blur
+      method of the data terms, pixels per block of the prior gradient (`pixel_chunk`, or
+      all pixels unless a memory estimate says otherwise), the progress interval, and
+      whether the rows of X are sharded over the devices (`shard_pixels`, with `mesh`).
+    mesh: with policy.shard_pixels, the rows of y, z and X are split over its `data` axis
+      (every per-pixel step runs on its devices' rows; the blur's borders and the sums are
+      exchanged by XLA). The image heights must then be multiples of the axis size.
 
   Returns:
     solve(params, y (h, w, B), z (H, W, b), psf (k, k), srf (b, B), key, offset=None)
@@ -219,8 +229,10 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
   n = schedule.num_steps
   lr = float(lr) * (respaced_lr_scale(schedule) if lr_scale is None else float(lr_scale))
   b1, b2 = betas
+  policy = policy_lib.resolve(policy)
+  progress_every = int(policy.progress_every)
   grad_fn = functools.partial(fusion_grad, model=model, schedule=schedule, lam=lam, gam=gam,
-                              ratio=ratio)
+                              ratio=ratio, blur_method=policy.blur_method)
   use_folded = isinstance(model, SpectralDenoiser) and not _is_zero(gam)
 
   def solve(params, y, z, psf, srf, key, offset=None):
@@ -229,6 +241,8 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
     _check_shapes(y, z, psf, srf, ratio, getattr(model, "num_bands", None))
     shape = z.shape[:2] + y.shape[-1:]
     x0 = initial_x(y, shape, init, ratio)
+    chunk = (None if not use_folded else policy_lib.solver_chunk(
+        policy, shape[0] * shape[1], model.hidden, model.num_layers, shape[-1]))
 
     def inner(carry, k, i, step0, folded):
       x, m, v, x_ema = carry
@@ -238,7 +252,8 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
                              shape)
       else:
         eps = jax.random.normal(step_key, shape, jnp.float32)
-      g = grad_fn(x, params, y, z, psf, srf, eps, i, folded=folded) + weight_decay * x
+      g = grad_fn(x, params, y, z, psf, srf, eps, i, folded=folded, chunk=chunk) + \
+          weight_decay * x
       count = (step0 + k + 1).astype(jnp.float32)
       m = b1 * m + (1.0 - b1) * g
       v = b2 * v + (1.0 - b2) * g * g
@@ -264,7 +279,10 @@ def make_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, lam: f
     (_, _, _, x_ema), _ = jax.lax.scan(outer, carry, jnp.arange(n))
     return x_ema
 
-  return jax.jit(solve)
+  if mesh is None or not policy.shard_pixels or mesh.shape[sharding.DATA_AXIS] == 1:
+    return jax.jit(solve)
+  rep, rows = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  return jax.jit(solve, in_shardings=(rep, rows, rows, rep, rep, rep), out_shardings=rows)
 
 
 def make_batched_solver(*args, **kwargs) -> Callable[..., jax.Array]:

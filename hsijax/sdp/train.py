@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from hsijax import diffusion, precision, progress, sharding, trainloop
+from hsijax import policy as policy_lib
 from hsijax import settings as settings_lib
 from hsijax.checkpoint import Checkpointer
 from hsijax.sdp.denoiser import SpectralDenoiser
@@ -97,7 +98,7 @@ def make_train_step(model: SpectralDenoiser, schedule: diffusion.Schedule,
   """Pure train_step(state, batch (N, B), key) -> (state, {"loss": scalar}).
 
   The step's randomness is fold_in(key, state.step). Not jitted: wrap it in jax.jit (fit does,
-  with shardings; the state is donated off CPU, see `donate_state`).
+  with shardings and several steps per dispatch, as `fit` does).
   """
   def train_step(state: TrainState, batch: jax.Array, key: jax.Array):
     key = jax.random.fold_in(key, state.step)
@@ -113,34 +114,32 @@ def make_train_step(model: SpectralDenoiser, schedule: diffusion.Schedule,
   return train_step
 
 
-def donate_state(mesh: jax.sharding.Mesh) -> bool:
-  """Whether the jitted train step donates its state: on accelerators yes (halves the
-  state's memory); on CPU no: XLA:CPU then ran the SDM step 35-40% slower (measured on the
-  2-core VM, batch 512, B = 103: 37 vs 59 ms process-CPU per step; the per-op profile
-  shows the elementwise fusions taking ~2x as long with donation, cause not established)."""
-  return mesh.devices.flat[0].platform != "cpu"
-
-
 @functools.lru_cache(maxsize=8)
-def _sharded_train_step(model: SpectralDenoiser, schedule_name: str, num_timesteps: int,
-                        opt_args: tuple[float, float, float], ema_decay: float,
-                        mesh: jax.sharding.Mesh):
-  """jit(train_step) with the batch sharded over "data", the state replicated (and donated
-  where `donate_state` says so).
+def _multi_step(model: SpectralDenoiser, schedule_name: str, num_timesteps: int,
+                opt_args: tuple[float, float, float], ema_decay: float, batch: int,
+                mesh: jax.sharding.Mesh, donate: bool):
+  """jit((state, count, pixels, data_key, train_key) -> (state, last loss)): `count` steps in
+  one dispatch, each drawing its batch on the device (pixels resident, replicated) and
+  sharding it over "data"; the state replicated (and donated when the policy says so).
 
+  Step s uses the pixels randint(fold_in(data_key, s)) and the key fold_in(train_key, s).
   Cached on its (hashable) ingredients so repeated / resumed fits in one process compile once.
   """
   schedule = diffusion.make_schedule(schedule_name, num_timesteps)
   step = make_train_step(model, schedule, make_optimizer(*opt_args), ema_decay)
   rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
-  return jax.jit(step, in_shardings=(rep, dat, rep), out_shardings=(rep, rep),
-                 donate_argnums=(0,) if donate_state(mesh) else ())
 
+  def run(state, count, pixels, data_key, train_key):
+    def one(state):
+      idx = jax.random.randint(jax.random.fold_in(data_key, state.step), (batch,), 0,
+                               pixels.shape[0])
+      b = jax.lax.with_sharding_constraint(pixels[idx], dat)
+      state, metrics = step(state, b, jax.random.fold_in(train_key, state.step))
+      return state, metrics["loss"]
+    return trainloop.multi_step(one)(state, count)
 
-def batch_indices(key: jax.Array, step: int, num_pixels: int, batch: int) -> np.ndarray:
-  """Pixel indices of step `step`: uniform with replacement from fold_in(key, step)."""
-  return np.asarray(jax.random.randint(jax.random.fold_in(key, step), (batch,), 0,
-                                       num_pixels))
+  return jax.jit(run, in_shardings=(rep, rep, rep, rep, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,) if donate else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +191,13 @@ class PriorSettings(settings_lib.Settings):
 
 def fit(pixels: np.ndarray, *, steps: int, key: Any, settings: PriorSettings = PriorSettings(),
         workdir: str | pathlib.Path | None = None, mesh: jax.sharding.Mesh | None = None,
-        show_progress: bool = True) -> tuple[TrainState, dict[str, list[float]]]:
+        show_progress: bool = True, policy: policy_lib.Policy | None = None
+        ) -> tuple[TrainState, dict[str, list[float]]]:
   """Trains the spectral denoiser on clean pixels (resumable, data-parallel).
+
+  The pixels live on the devices (replicated); each step draws its batch there, and
+  `policy.steps_per_call` steps run per dispatch (`trainloop`), with the same result as
+  one step per dispatch.
 
   Args:
     pixels: (N, B) clean spectra in [0, 1] (float32).
@@ -205,6 +209,7 @@ def fit(pixels: np.ndarray, *, steps: int, key: Any, settings: PriorSettings = P
     mesh: device mesh with a "data" axis (default: all devices); batches are sharded along
       it, parameters and optimiser state replicated.
     show_progress: False silences the progress output of `trainloop.run`.
+    policy: platform choices (steps per dispatch, donation); None = the backend's.
 
   Returns:
     (final TrainState, history {"step": [...], "loss": [...]}).
@@ -216,6 +221,7 @@ def fit(pixels: np.ndarray, *, steps: int, key: Any, settings: PriorSettings = P
   if int(steps) != steps or steps < 0:
     raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
   s = settings
+  policy = policy_lib.resolve(policy)
   mesh = mesh if mesh is not None else sharding.make_mesh(None)
   n_data = mesh.shape[sharding.DATA_AXIS]
   if s.batch % n_data:
@@ -226,30 +232,23 @@ def fit(pixels: np.ndarray, *, steps: int, key: Any, settings: PriorSettings = P
   opt_args = (float(s.lr), float(s.weight_decay), float(s.decay_steps) / 10_000)
   optimizer = make_optimizer(*opt_args)
   init_key, data_key, train_key = jax.random.split(settings_lib.as_key(key), 3)
+  rep = sharding.replicated(mesh)
   state = sharding.replicate(init_train_state(model, init_key, optimizer), mesh)
-  step_fn = _sharded_train_step(model, s.schedule, int(s.num_timesteps), opt_args,
-                                float(s.ema), mesh)
-
-  # Each process gathers its own slice of the global batch indices.
-  per_proc = s.batch // jax.process_count()
-  lo = jax.process_index() * per_proc
-
-  def batch_fn(step: int):
-    idx = batch_indices(data_key, step, pixels.shape[0], s.batch)[lo:lo + per_proc]
-    return sharding.shard_batch(pixels[idx], mesh)
+  run = _multi_step(model, s.schedule, int(s.num_timesteps), opt_args, float(s.ema),
+                    int(s.batch), mesh, bool(policy.donate))
+  on_device = sharding.put_global(pixels, rep)
+  keys = sharding.replicate([data_key, train_key], mesh)
 
   ckpt = None
   if workdir is not None:
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=3,
                         save_interval_steps=max(int(s.checkpoint_every), 1))
   try:
-    quiet = contextlib.nullcontext() if show_progress else progress.silenced()
-    # trainloop passes fold_in(train_key, step); train_step folds with state.step again,
-    # which is harmless and keeps train_step usable on its own with a fixed key.
-    with quiet:
-      state, history = trainloop.run(step_fn, state, batch_fn, num_steps=int(steps),
-                                     key=train_key, checkpointer=ckpt,
-                                     log_every=int(s.log_every), desc="SDM train")
+    with contextlib.nullcontext() if show_progress else progress.silenced():
+      state, history = trainloop.run(
+          lambda st, count: run(st, count, on_device, *keys), state, num_steps=int(steps),
+          checkpointer=ckpt, log_every=int(s.log_every),
+          steps_per_call=int(policy.steps_per_call), desc="SDM train")
   finally:
     if ckpt is not None:
       ckpt.close()
