@@ -30,15 +30,36 @@ Example:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from hsijax import fileio
+
 
 _ITEM = "default"  # the item folder CheckpointManager writes for a single unnamed item
+CHECKSUM_FILE = "checksums.json"  # beside the step folders: {step: {file: sha256}}
+
+
+def _file_hashes(step_dir: str) -> dict[str, str]:
+  """{path relative to the step folder: sha256} of every file under it."""
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      h = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          h.update(block)
+      out[os.path.relpath(path, step_dir)] = h.hexdigest()
+  return dict(sorted(out.items()))
 
 
 def _absolute(directory: os.PathLike | str) -> str:
@@ -138,11 +159,95 @@ class Checkpointer:
     if step in self._manager.all_steps():
       raise ValueError(f"A checkpoint for step {step} already exists in {self.directory}; "
                        "save under a new step or delete the old one first.")
+    # The previous save is long done by now (a checkpoint interval of training ago); waiting
+    # for it makes sure its files are complete before their checksums are recorded.
+    self.wait()
     return self._manager.save(step, args=ocp.args.StandardSave(pytree), force=force)
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
+    """Blocks until pending asynchronous saves are on disk (and records their checksums)."""
     self._manager.wait_until_finished()
+    self._record_checksums()
+
+  # -- integrity ---------------------------------------------------------------
+
+  def _checksum_path(self) -> str:
+    return os.path.join(self.directory, CHECKSUM_FILE)
+
+  def _read_checksums(self) -> dict[str, dict[str, str]]:
+    try:
+      with open(self._checksum_path()) as f:
+        return json.load(f)
+    except (OSError, json.JSONDecodeError):
+      return {}
+
+  def _record_checksums(self) -> None:
+    """sha256 of every file of each finished step (process 0), dropping deleted steps."""
+    if jax.process_index() != 0:
+      return
+    old = self._read_checksums()
+    steps = [str(s) for s in self._manager.all_steps()]
+    new = {s: old[s] if old.get(s) else _file_hashes(os.path.join(self.directory, s))
+           for s in steps}
+    new = {s: v for s, v in new.items() if v}
+    if new != old:
+      fileio.atomic_write(self._checksum_path(), lambda f: json.dump(new, f))
+
+  def verify(self, step: int) -> list[str]:
+    """What is wrong with checkpoint `step` against its recorded checksums ([] = intact, or
+    no record: a step finished by a run that was killed before recording it)."""
+    recorded = self._read_checksums().get(str(int(step)))
+    if recorded is None:
+      return []
+    actual = _file_hashes(os.path.join(self.directory, str(int(step))))
+    problems = [f"{name} missing" for name in recorded if name not in actual]
+    problems += [f"{name} changed" for name, h in recorded.items()
+                 if name in actual and actual[name] != h]
+    return problems
+
+  def _set_aside(self, step: int, why: str) -> None:
+    """Moves a corrupt step out of the way (kept for inspection) and warns."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f"corrupt-{step}")
+    warnings.warn(f"checkpoint step {step} in {self.directory} is damaged ({why}); it was "
+                  f"moved to {dst} and the previous intact checkpoint is used instead",
+                  stacklevel=3)
+    if jax.process_index() == 0 and os.path.isdir(src):
+      if os.path.exists(dst):
+        shutil.rmtree(dst)
+      os.rename(src, dst)
+    self._manager.reload()
+    self._record_checksums()
+
+  def _intact(self, attempt, step: int | None):
+    """attempt(step) on the newest intact checkpoint (or on `step`), setting damaged newer
+    ones aside; returns (step, result)."""
+    self.wait()
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(
+          f"No checkpoint found in {self.directory}; train first or point the directory at "
+          "an existing checkpoints folder.")
+    if step is not None:
+      if int(step) not in steps:
+        raise FileNotFoundError(
+            f"No checkpoint for step {step} in {self.directory}; available steps: {steps}.")
+      candidates = [int(step)]
+    else:
+      candidates = steps[::-1]
+    errors = []
+    for s in candidates:
+      problems = self.verify(s)
+      if not problems:
+        try:
+          return s, attempt(s)
+        except Exception as e:  # noqa: BLE001  (a damaged file fails in many ways)
+          problems = [f"unreadable: {type(e).__name__}: {str(e)[:200]}"]
+      errors.append(f"step {s}: {'; '.join(problems)}")
+      if step is None:
+        self._set_aside(s, "; ".join(problems))
+    raise ValueError(f"no intact checkpoint in {self.directory} ({' | '.join(errors)}); "
+                     "delete the folder to train from scratch")
 
   # -- reading ---------------------------------------------------------------
 
@@ -177,54 +282,50 @@ class Checkpointer:
       FileNotFoundError: when there is no checkpoint (or not this step).
       ValueError: for `shardings` without `target`.
     """
-    self.wait()  # A save still in flight is not yet listed.
-    steps = self.all_steps()
-    if not steps:
-      raise FileNotFoundError(
-          f"No checkpoint found in {self.directory}; train first or point the directory at "
-          "an existing checkpoints folder.")
-    if step is None:
-      step = steps[-1]
-    elif int(step) not in steps:
-      raise FileNotFoundError(
-          f"No checkpoint for step {step} in {self.directory}; available steps: {steps}.")
-    if target is None:
-      if shardings is not None:
-        raise ValueError("restore(shardings=...) needs target=... to pair shardings with "
-                         "leaves; pass the initial state or jax.eval_shape of its init.")
-      return self._manager.restore(int(step), args=ocp.args.StandardRestore())
-    abstract = _abstract_target(target, shardings)
-    return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract))
+    if target is None and shardings is not None:
+      raise ValueError("restore(shardings=...) needs target=... to pair shardings with "
+                       "leaves; pass the initial state or jax.eval_shape of its init.")
+    return self.restore_latest(target, shardings, step=step)[1]
 
-  def restore_part(self, part: Any, step: int | None = None) -> Any:
-    """Reads only the subtrees of checkpoint `step` named by `part` (default: latest).
+  def restore_latest(self, target: Any = None, shardings: Any = None,
+                     step: int | None = None) -> tuple[int, Any]:
+    """(step, pytree) of the newest intact checkpoint (or of `step`), as `restore` reads it.
+
+    Each step's files are checked against the sha256 sums recorded when it was saved; a
+    damaged or unreadable newest step is moved aside (to `corrupt-<step>`, with a warning)
+    and the one before it is used.
+    """
+    def attempt(s):
+      if target is None:
+        return self._manager.restore(int(s), args=ocp.args.StandardRestore())
+      abstract = _abstract_target(target, shardings)
+      return self._manager.restore(int(s), args=ocp.args.StandardRestore(abstract))
+    return self._intact(attempt, step)
+
+  def restore_part(self, part: Any, step: int | None = None) -> tuple[int, Any]:
+    """(step, the subtrees named by `part`) of checkpoint `step` (default: newest intact).
 
     `part` is a dict with some of the saved top-level keys, each mapping to an (abstract or
     concrete) target of that subtree, e.g. {"ema_params": jax.eval_shape(...)}: only those
     arrays are read (for inference, the optimiser state is never loaded). Arrays come back
-    as NumPy arrays.
+    as NumPy arrays. Damaged steps are handled as in `restore_latest`.
     """
-    self.wait()
-    steps = self.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"No checkpoint found in {self.directory}; train first.")
-    step = steps[-1] if step is None else int(step)
-    if step not in steps:
-      raise FileNotFoundError(
-          f"No checkpoint for step {step} in {self.directory}; available steps: {steps}.")
-    item = os.path.join(self.directory, str(step), _ITEM)
     abstract = jax.tree_util.tree_map(
         lambda x: np.zeros(x.shape, x.dtype) if _is_array_like(x) else x, part)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-    return ocp.PyTreeCheckpointer().restore(
-        item, args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args,
-                                          partial_restore=True))
+
+    def attempt(s):
+      item = os.path.join(self.directory, str(s), _ITEM)
+      return ocp.PyTreeCheckpointer().restore(
+          item, args=ocp.args.PyTreeRestore(abstract, restore_args=restore_args,
+                                            partial_restore=True))
+    return self._intact(attempt, step)
 
   # -- lifetime --------------------------------------------------------------
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager's threads."""
-    self._manager.wait_until_finished()
+    """Waits for pending saves (recording their checksums) and releases the manager."""
+    self.wait()
     self._manager.close()
 
   def __enter__(self) -> "Checkpointer":

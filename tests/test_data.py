@@ -93,14 +93,34 @@ def test_mat_v73_transposed_layout(tmp_path, cube):
   _check(data.load_cube(path), cube, WL_NM)
 
 
-@pytest.mark.parametrize("planarconfig", ["separate", None])  # one planar image / B pages
-def test_geotiff_band_first(tmp_path, cube, planarconfig):
+def test_geotiff_band_first_planar(tmp_path, cube):
   path = tmp_path / "20170218_UH_CASI_S4_NAD83.tif"
-  # (B, H, W), like the DFC2018 Houston GeoTIFF.
+  # (B, H, W) in one planar image (GDAL's band interleave), like the DFC2018 Houston GeoTIFF.
   tifffile.imwrite(path, np.transpose(cube, (2, 0, 1)), photometric="minisblack",
-                   planarconfig=planarconfig)
+                   planarconfig="separate")
   assert tifffile.imread(path).shape == (B, H, W)
   _check(data.load_cube(path), cube)
+
+
+@pytest.mark.parametrize("shape", [(80, 50, 103), (8, 10, 48)])
+def test_tiff_band_axis_comes_from_the_file_not_from_the_sizes(tmp_path, shape):
+  # More bands than rows or columns: the smallest axis is NOT the band axis. Pixel-
+  # interleaved (H, W, B) loads as is.
+  cube = np.random.default_rng(0).uniform(size=shape).astype(np.float32)
+  path = tmp_path / "hwb.tif"
+  tifffile.imwrite(path, cube, photometric="minisblack", planarconfig="contig")
+  np.testing.assert_array_equal(data.load_cube(path).data, cube)
+
+
+def test_tiff_page_stack_is_ambiguous_until_the_layout_is_given(tmp_path, cube):
+  # B pages of H x W (a band stack) and an (H, W, B) array written without a samples axis
+  # look the same: refuse with the fix, then honour FILE:bhw / FILE:hwb.
+  path = tmp_path / "pages.tif"
+  tifffile.imwrite(path, np.transpose(cube, (2, 0, 1)), photometric="minisblack")
+  with pytest.raises(ValueError, match=r"ambiguous.*pages.tif:bhw.*pages.tif:hwb"):
+    data.load_cube(path)
+  _check(data.load_cube(f"{path}:bhw"), cube)
+  np.testing.assert_array_equal(data.load_cube(path, "hwb").data, np.transpose(cube, (2, 0, 1)))
 
 
 def test_geotiff_band_last_uint16(tmp_path):
@@ -212,7 +232,8 @@ def test_ambiguous_arrays(tmp_path, cube):
 
 def test_key_for_single_array_format(tmp_path, cube):
   path = tmp_path / "x.tif"
-  tifffile.imwrite(path, np.transpose(cube, (2, 0, 1)), photometric="minisblack")
+  tifffile.imwrite(path, np.transpose(cube, (2, 0, 1)), photometric="minisblack",
+                   planarconfig="separate")
   with pytest.raises(KeyError, match=r"x.tif.*single array.*drop ':cube'"):
     data.load_cube(path, "cube")
 
