@@ -84,6 +84,8 @@ from __future__ import annotations
 import pathlib
 
 import ml_collections
+
+from configs import common
 from ml_collections import config_dict
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -133,6 +135,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.preset = preset
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
+  # Platform policy overrides, e.g. --config.policy.steps_per_call=1 (hsijax.policy).
+  c.policy = common.policy_fields()
   c.stage = "all"  # train_scdm: "all" trains every stage in turn, "k" only stage k.
   c.stage_counts = ()  # bands per stage, e.g. (12, 24, 48); () = floor(3 (N/3)^(k/S))
 
@@ -298,3 +302,24 @@ def stages_to_train(cfg) -> list[int]:
     return [int(sel)]
   raise ValueError(f"--config.stage must be 'all' or a stage index in 0..{n - 1}, got "
                    f"{cfg.stage!r}")
+
+
+def validate(cfg) -> None:
+  """Refuses out-of-range fields before any data is read, naming the flag."""
+  for flag, value, low in (("train.steps", cfg.train.steps, 0),
+                           ("train.batch", cfg.train.batch, 1),
+                           ("train.crop", cfg.train.crop, 1), ("sample.tile", cfg.sample.tile, 1),
+                           ("sample.tiles_per_call", cfg.sample.tiles_per_call, 1),
+                           ("model.base", cfg.model.base, 1),
+                           ("diffusion.num_timesteps", cfg.diffusion.num_timesteps, 21)):
+    if int(value) < low:
+      raise ValueError(f"--config.{flag}={value} must be >= {low}")
+  if cfg.sample.num_steps is not None and not 1 <= int(cfg.sample.num_steps) <= int(
+      cfg.diffusion.num_timesteps):
+    raise ValueError(f"--config.sample.num_steps={cfg.sample.num_steps} must be in [1, "
+                     f"{cfg.diffusion.num_timesteps}] (or unset for all timesteps)")
+  if len(tuple(cfg.data.rgb_bands)) != 3:
+    raise ValueError(f"--config.data.rgb_bands={tuple(cfg.data.rgb_bands)} must name 3 bands, "
+                     "e.g. \"--config.data.rgb_bands=(22,11,4)\"")
+  if not 0 <= int(cfg.data.test_quadrant) <= 3:
+    raise ValueError(f"--config.data.test_quadrant={cfg.data.test_quadrant} must be 0..3")

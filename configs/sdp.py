@@ -45,6 +45,8 @@ from __future__ import annotations
 import pathlib
 
 import ml_collections
+
+from configs import common
 from ml_collections import config_dict
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -92,6 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.preset = preset
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"axes": ("data",), "shape": (-1,)})
+  # Platform policy overrides, e.g. --config.policy.steps_per_call=1 (hsijax.policy).
+  c.policy = common.policy_fields()
   # Matmul precision of the SDP denoiser (training and solver): "default" | "float32" |
   # "tensorfloat32" | "bfloat16" (hsijax.precision; accuracy in docs/benchmarks.md).
   c.precision = "default"
@@ -138,12 +142,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.solver.lr_scale = config_dict.placeholder(float)
   c.solver.init = "ones"  # or "upsample"
   # Large scenes: solve in tile x tile HR-pixel windows overlapping by tile_overlap (both
-  # multiples of the ratio), tiles_per_call windows per jitted call sharded over mesh.data
-  # (bounds device memory). tile = 0: the whole scene in one call. Tiled equals untiled to
-  # float rounding away from window edges (hsijax.sdp.tiled, docs/scaling.md).
-  c.solver.tile = 0
+  # multiples of the ratio), tiles_per_call windows per jitted call sharded over mesh.data,
+  # written out strip by strip. tile = None (default): the whole scene in one call when it
+  # fits `memory_gb`, else windows sized to it; 0: always the whole scene. Tiled equals
+  # untiled to float rounding away from window edges (hsijax.sdp.tiled, docs/scaling.md).
+  c.solver.tile = config_dict.placeholder(int)
   c.solver.tile_overlap = 16
   c.solver.tiles_per_call = 8
+  # Memory (GB) a solve may use; None = an eighth of the machine's RAM, at most 2 GB.
+  c.memory_gb = config_dict.placeholder(float)
 
   c.blind = ml_collections.ConfigDict()
   c.blind.steps = config_dict.placeholder(int)  # None -> budgets[budget].blind_steps
@@ -227,6 +234,23 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.blind.steps = int(b.blind_steps)
   if c.blind.lr is None:
     c.blind.lr = float(b.blind_lr)
+  # Fail before any data is read or anything trained, naming the flag.
+  for flag, value, low in (("train.steps", c.train.steps, 0), ("train.batch", c.train.batch, 1),
+                           ("train.decay_steps", c.train.decay_steps, 1),
+                           ("solver.num_steps", c.solver.num_steps, 1),
+                           ("solver.K", c.solver.K, 1), ("blind.steps", c.blind.steps, 0),
+                           ("model.hidden", c.model.hidden, 1),
+                           ("diffusion.num_timesteps", c.diffusion.num_timesteps, 21)):
+    if int(value) < low:
+      raise ValueError(f"--config.{flag}={value} must be >= {low}")
+  for flag, value in (("solver.lam", c.solver.lam), ("solver.gam", c.solver.gam),
+                      ("solver.lr", c.solver.lr), ("train.lr", c.train.lr)):
+    if not float(value) >= 0:
+      raise ValueError(f"--config.{flag}={value} must be >= 0")
+  if int(c.data.ratio) < 1:
+    raise ValueError(f"--config.data.ratio={c.data.ratio} must be a positive integer")
+  if c.get("memory_gb") is not None and not float(c.memory_gb) > 0:
+    raise ValueError(f"--config.memory_gb={c.memory_gb} must be > 0 (unset = the default)")
   if int(c.solver.tile or 0) > 0:  # fail before any training, with the flag names
     from hsijax.sdp.tiled import check_tiling  # pylint: disable=g-import-not-at-top
     try:
@@ -265,9 +289,10 @@ def fusion_settings(cfg: ml_collections.ConfigDict) -> dict:
               lr_scale=None if s.lr_scale is None else float(s.lr_scale),
               respacing=str(d.respacing), blind_steps=int(b.steps), blind_lr=float(b.lr),
               psf_size=None if b.psf_size is None else int(b.psf_size),
-              tile=int(s.tile or 0), tile_overlap=int(s.tile_overlap),
+              tile=None if s.tile is None else int(s.tile), tile_overlap=int(s.tile_overlap),
               tiles_per_call=int(s.tiles_per_call), schedule=str(d.schedule),
-              num_timesteps=int(d.num_timesteps))
+              num_timesteps=int(d.num_timesteps),
+              memory_gb=None if cfg.get("memory_gb") is None else float(cfg.memory_gb))
 
 
 def methods(cfg: ml_collections.ConfigDict) -> str:

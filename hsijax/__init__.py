@@ -19,7 +19,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("sdp", "scdm", "metrics", "degrade", "data", "diffusion", "classical",
+_SUBMODULES = ("sdp", "scdm", "metrics", "degrade", "data", "datasets", "diffusion", "classical",
                "linear_baseline", "synthetic", "plots", "sharding", "checkpoint", "trainloop",
                "tiling", "progress", "fileio", "settings", "precision")
 __all__ = list(_SUBMODULES)

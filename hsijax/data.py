@@ -4,9 +4,12 @@ Formats, chosen by file extension:
   .npz / .npy         numpy
   .mat                MATLAB v5 (scipy.io) and v7.3 (HDF5, via h5py; MATLAB
                       writes column-major, so axes are reversed on read)
-  .tif / .tiff        GeoTIFF / TIFF (tifffile); band-first (B, H, W) arrays
-                      are transposed to (H, W, B), the band axis being the
-                      smallest one
+  .h5 / .hdf5         HDF5 datasets in numpy order (MATLAB-written ones, marked by
+                      their MATLAB_class attribute, are reversed like .mat v7.3)
+  .tif / .tiff        GeoTIFF / TIFF (tifffile): the band axis is the one tifffile
+                      reports as samples ("YXS" pixel-interleaved, "SYX" planar)
+                      or channels; a stack of single-band pages is ambiguous and
+                      needs "FILE.tif:bhw" (pages are bands) or "FILE.tif:hwb"
   .hdr (+ binary)     ENVI: header parsed here (samples, lines, bands, data
                       type, interleave bsq/bil/bip, byte order, header offset,
                       wavelength); the binary is found beside the header (or
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 import warnings
 import zipfile
 
@@ -40,7 +43,7 @@ KNOWN_CUBE_KEYS = (
     "dc", "DC", "X")
 WAVELENGTH_KEYS = ("wavelengths_nm", "wavelength_nm", "wavelengths", "wavelength", "wl")
 
-_SUPPORTED = ".npz, .npy, .mat (v5 and v7.3), .tif/.tiff, ENVI .hdr + binary"
+_SUPPORTED = ".npz, .npy, .mat (v5 and v7.3), .h5/.hdf5, .tif/.tiff, ENVI .hdr + binary"
 _ENVI_DTYPES = {1: "u1", 2: "i2", 3: "i4", 4: "f4", 5: "f8", 12: "u2", 13: "u4", 14: "i8",
                 15: "u8"}
 _ENVI_BINARY_EXTS = ("", ".img", ".dat", ".raw", ".bsq", ".bil", ".bip", ".bin", ".envi")
@@ -121,14 +124,32 @@ class _Store(NamedTuple):
   single: bool                       # one unnamed array (tif, npy, ENVI)
   wavelengths: np.ndarray | None     # from the header (ENVI) or None
   kind: str
+  nodata: float | None = None        # ENVI "data ignore value", TIFF GDAL_NODATA
+  good_bands: np.ndarray | None = None  # ENVI "bbl": (B,) bool, False = bad band
+  scale: float | None = None         # ENVI "reflectance scale factor": data / scale
 
 
-def _load(path, key, ndim):
+def load_masked(path: PathLike, key: str | None = None, ndim: int | None = 3
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, str]:
+  """(array, valid (H, W) bool or None, wavelengths or None, source) with no-data masked.
+
+  Unlike `load_array`, pixels whose value in any band is the file's no-data value (ENVI
+  "data ignore value", TIFF GDAL_NODATA) or NaN / inf are not an error: they are marked
+  invalid (valid[r, c] = False) and set to NaN in the array. ENVI "bbl" bad bands are
+  dropped and "reflectance scale factor" divided out, with a warning that says so.
+  """
+  arr, wavelengths, source, valid = _load(path, key, ndim, masked=True)
+  return arr, valid, wavelengths, source
+
+
+def _load(path, key, ndim, masked: bool = False):
   path = os.fspath(path)
   if key is None:
     path, key = parse_path_key(path)
   key = key or None
-  store = _open(path)
+  store = _open(path, key)
+  if store.kind == "TIFF" and key is not None and key.lower() in TIFF_LAYOUTS:
+    key = None  # a layout, not an array name
   name = _select(store, path, key, ndim)
   shape = store.shapes[name]
   source = path if store.single else f"{path}:{name}"
@@ -145,10 +166,25 @@ def _load(path, key, ndim):
   if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
     raise ValueError(f"{source}: array has dtype {arr.dtype}; a real numeric array is needed")
   arr = arr.astype(np.float32, copy=False)
-  bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-  if bad:
+  if store.good_bands is not None and arr.ndim == 3 and not store.good_bands.all():
+    warnings.warn(f"{source}: dropped {int((~store.good_bands).sum())} bad bands marked "
+                  f"in the header's bbl (kept {int(store.good_bands.sum())})", stacklevel=3)
+    arr = arr[..., store.good_bands]
+  if store.scale:
+    arr = arr / np.float32(store.scale)
+  invalid = ~np.isfinite(arr)
+  if store.nodata is not None:
+    invalid |= arr == np.float32(store.nodata / (store.scale or 1.0))
+  bad = int(invalid.sum())
+  valid = None
+  if bad and masked and arr.ndim == 3:
+    valid = ~invalid.any(axis=-1)
+    arr = np.where(valid[..., None], arr, np.nan).astype(np.float32)
+  elif bad:
+    what = (f"no-data values ({store.nodata}) or NaN/inf" if store.nodata is not None
+            else "NaN/inf values")
     raise ValueError(
-        f"{source}: {bad} NaN/inf values out of {arr.size}; fix the file (e.g. "
+        f"{source}: {bad} {what} out of {arr.size} (missing data); fix the file (e.g. "
         "np.nan_to_num, or interpolate / drop the bad bands or pixels) and load it again")
   wavelengths = store.wavelengths
   if wavelengths is None and not store.single:
@@ -157,6 +193,10 @@ def _load(path, key, ndim):
       wavelengths = np.asarray(store.read(wl_name), np.float64).ravel()
   if wavelengths is not None:
     wavelengths = _to_nm(wavelengths)
+    if store.good_bands is not None and wavelengths.size == store.good_bands.size:
+      wavelengths = wavelengths[store.good_bands]
+  if masked:
+    return arr, wavelengths, source, valid
   return arr, wavelengths, source
 
 
@@ -234,14 +274,14 @@ def _to_nm(wl: np.ndarray) -> np.ndarray:
   return wl
 
 
-def _open(path: str) -> _Store:
+def _open(path: str, key: str | None = None) -> _Store:
   p = pathlib.Path(path)
   suffix = p.suffix.lower()
   envi_header = _envi_header_for(p)
   if not p.is_file() and envi_header is None:
     raise FileNotFoundError(f"file not found: {path} (working directory {os.getcwd()})")
   openers = {".npz": _open_npz, ".npy": _open_npy, ".mat": _open_mat, ".tif": _open_tiff,
-             ".tiff": _open_tiff}
+             ".tiff": _open_tiff, ".h5": _open_h5, ".hdf5": _open_h5, ".he5": _open_h5}
   if suffix in openers:
     opener, kind = openers[suffix], suffix.lstrip(".")
   elif envi_header is not None:
@@ -250,6 +290,8 @@ def _open(path: str) -> _Store:
     raise ValueError(f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
                      f"supported: {_SUPPORTED}")
   try:
+    if opener is _open_tiff:
+      return opener(p, key.lower() if key and key.lower() in TIFF_LAYOUTS else None)
     return opener(p)
   except (FileNotFoundError, KeyError):
     raise
@@ -308,31 +350,51 @@ def _open_mat(p: pathlib.Path) -> _Store:
   return _Store(shapes, read, False, None, "MATLAB v5 .mat")
 
 
-def _open_mat73(p: pathlib.Path) -> _Store:
+def _open_mat73(p: pathlib.Path, kind: str = "MATLAB v7.3 (HDF5) .mat") -> _Store:
+  """HDF5 (.mat v7.3, .h5, .hdf5). Datasets MATLAB wrote (they carry a MATLAB_class
+  attribute) are column-major, so their axes are reversed; others (h5py, numpy order) are
+  read as stored."""
   import h5py  # pylint: disable=g-import-not-at-top
-  shapes = {}
+  shapes, matlab = {}, {}
   with h5py.File(p, "r") as f:
     for name, item in f.items():
       if name.startswith("#") or not isinstance(item, h5py.Dataset):
         continue  # MATLAB's reference storage, structs and cells
       if item.dtype.kind in "biuf":
         # MATLAB is column-major: a MATLAB (H, W, B) array is stored (B, W, H).
-        shapes[name] = tuple(reversed(item.shape))
+        matlab[name] = "MATLAB_class" in item.attrs
+        shapes[name] = tuple(reversed(item.shape)) if matlab[name] else tuple(item.shape)
 
   def read(name):
     with h5py.File(p, "r") as f:
-      return np.transpose(f[name][()])  # reverse all axes
-  return _Store(shapes, read, False, None, "MATLAB v7.3 (HDF5) .mat")
+      a = f[name][()]
+    return np.transpose(a) if matlab[name] else a
+  return _Store(shapes, read, False, None, kind)
 
 
-def _open_tiff(p: pathlib.Path) -> _Store:
+def _open_h5(p: pathlib.Path) -> _Store:
+  return _open_mat73(p, "HDF5")
+
+
+TIFF_LAYOUTS = ("hwb", "bhw")
+
+
+def _open_tiff(p: pathlib.Path, layout: str | None = None) -> _Store:
   import tifffile  # pylint: disable=g-import-not-at-top
   with tifffile.TiffFile(p) as tif:
     series = tif.series[0]
     shape, axes = tuple(series.shape), series.axes
+    tag = tif.pages[0].tags.get(42113)  # GDAL_NODATA, an ASCII number
+    nodata = None
+    if tag is not None:
+      try:
+        nodata = float(str(tag.value).strip("\x00 "))
+      except ValueError:
+        nodata = None
   shape_in = shape
+  order = (0, 1, 2)
   if len(shape) == 3:
-    order = _band_last_order(shape, axes)
+    order = _band_last_order(p, shape, axes, layout)
     shape = tuple(shape[i] for i in order)
 
   def read(_):
@@ -340,20 +402,33 @@ def _open_tiff(p: pathlib.Path) -> _Store:
     if arr.shape != shape_in:
       raise ValueError(f"first image series has shape {shape_in}, read {arr.shape}")
     return np.transpose(arr, order) if arr.ndim == 3 else arr
-  return _Store({p.stem: shape}, read, True, None, "TIFF")
+  return _Store({p.stem: shape}, read, True, None, "TIFF", nodata)
 
 
-def _band_last_order(shape, axes: str) -> tuple[int, int, int]:
-  """Axis order moving the band axis (the smallest) last: (B, H, W) -> (H, W, B)."""
-  smallest = min(shape)
-  candidates = [i for i, n in enumerate(shape) if n == smallest]
-  if len(candidates) == 1:
-    band = candidates[0]
-  elif len(axes) == 3 and axes[-1] not in "SC" and axes[0] in "SCIQZ":
-    band = 0  # tie: trust tifffile's axes (samples/pages first)
-  else:
-    band = 2
-  return tuple(i for i in range(3) if i != band) + (band,)
+def _band_last_order(p: pathlib.Path, shape, axes: str, layout: str | None
+                     ) -> tuple[int, int, int]:
+  """Axis order that puts the bands last, from the axes tifffile reports.
+
+  "S" (samples: pixel-interleaved "YXS" or planar "SYX") and "C" (channels) are the band
+  axis. A stack of single-sample pages ("QYX", "IYX", "ZYX") is ambiguous: the pages may be
+  bands, or the rows of an (H, W, B) array that was written without a samples axis; then the
+  caller must say which (`layout`, "FILE.tif:hwb" or "FILE.tif:bhw").
+  """
+  if layout is not None:
+    return (0, 1, 2) if layout == "hwb" else (1, 2, 0)
+  axes = axes.upper()
+  for band_axis in "SC":
+    if len(axes) == 3 and axes.count(band_axis) == 1 and "Y" in axes and "X" in axes:
+      band = axes.index(band_axis)
+      return tuple(i for i in range(3) if i != band) + (band,)
+  raise _FormatError(
+      f"the TIFF stores {shape[0]} pages of {shape[1]} x {shape[2]} single-band images "
+      f"(tifffile axes {axes!r}), so its layout is ambiguous: the pages may be the bands "
+      f"(a band-sequential stack: {shape[0]} bands of {shape[1]} x {shape[2]}) or the rows of "
+      f"an (H, W, B) = {shape} array written without a samples axis. Say which by appending "
+      f"it to the path: {p.name}:bhw (pages are bands) or {p.name}:hwb (the array as tifffile "
+      "reads it is rows x columns x bands); or rewrite the file with "
+      "tifffile.imwrite(path, cube_hwb, photometric='minisblack', planarconfig='contig')")
 
 
 def _envi_header_for(p: pathlib.Path) -> pathlib.Path | None:
@@ -363,6 +438,11 @@ def _envi_header_for(p: pathlib.Path) -> pathlib.Path | None:
     if candidate != p and candidate.is_file():
       return candidate
   return None
+
+
+def is_envi(path: PathLike) -> bool:
+  """Whether `path` is an ENVI header or a binary with a header beside it."""
+  return _envi_header_for(pathlib.Path(path)) is not None
 
 
 def read_envi_header(path: PathLike) -> dict[str, str]:
@@ -427,10 +507,23 @@ def _open_envi(p: pathlib.Path) -> _Store:
     if units.startswith("micro") or units in ("um", "µm"):
       wavelengths = wavelengths * 1000.0
 
+  nodata = float(fields["data ignore value"]) if "data ignore value" in fields else None
+  good = None
+  if "bbl" in fields:
+    good = np.array([float(v) != 0 for v in _envi_list(fields["bbl"])])
+    if good.size != bands:
+      raise _FormatError(f"bbl lists {good.size} bands but the header says bands = {bands}")
+  scale = float(fields["reflectance scale factor"]) if "reflectance scale factor" in fields \
+      else None
+  if scale is not None and not scale > 0:
+    raise _FormatError(f"reflectance scale factor {scale} must be > 0")
+
   def read(_):
     raw = np.fromfile(binary, dtype=dtype, count=lines * samples * bands, offset=offset)
     return np.transpose(raw.reshape(stored_shape), to_hwb).astype(dtype.newbyteorder("="))
-  return _Store({binary.name: (lines, samples, bands)}, read, True, wavelengths, "ENVI")
+  kept = bands if good is None else int(good.sum())
+  return _Store({binary.name: (lines, samples, kept)}, read, True, wavelengths, "ENVI",
+                nodata, good, scale)
 
 
 def _envi_binary_for(header: pathlib.Path, fields: dict[str, str]) -> pathlib.Path:
@@ -447,5 +540,87 @@ def _envi_binary_for(header: pathlib.Path, fields: dict[str, str]) -> pathlib.Pa
       "with the same base name, or pass the data file's path")
 
 
-__all__ = ["Cube", "KNOWN_CUBE_KEYS", "load_array", "load_cube", "normalise_cube",
+__all__ = ["Cube", "KNOWN_CUBE_KEYS", "load_array", "load_cube", "load_masked", "normalise_cube",
            "parse_path_key", "read_envi_header"]
+
+
+# ----------------------------------------------------------------------------
+# Writers (atomic: a temp file beside the target, then a rename).
+# ----------------------------------------------------------------------------
+
+# GeoTIFF georeferencing tags: ModelPixelScale, ModelTiepoint, ModelTransformation,
+# GeoKeyDirectory, GeoDoubleParams, GeoAsciiParams (and GDAL's metadata / nodata).
+GEO_TAGS = (33550, 33922, 34264, 34735, 34736, 34737, 42112)
+
+
+def geotiff_tags(path: PathLike) -> list[tuple]:
+  """The georeferencing tags of a (Geo)TIFF as tifffile `extratags` ([] if none)."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  path, _ = parse_path_key(path)
+  if pathlib.Path(path).suffix.lower() not in (".tif", ".tiff"):
+    return []
+  out = []
+  with tifffile.TiffFile(path) as tif:
+    for code in GEO_TAGS:
+      tag = tif.pages[0].tags.get(code)
+      if tag is not None:
+        value = tag.value
+        count = len(value) if isinstance(value, (tuple, list)) else (
+            len(value) + 1 if isinstance(value, str) else 1)
+        out.append((code, tag.dtype, count, value, True))
+  return out
+
+
+def write_geotiff(path: PathLike, cube, extratags: Sequence[tuple] = (),
+                  nodata: float | None = None) -> pathlib.Path:
+  """Writes an (H, W, B) cube as a band-first (B, H, W) float32 planar GeoTIFF.
+
+  `extratags` (e.g. `geotiff_tags(hr_msi_path)`) carry the georeferencing; NaN pixels are
+  written as `nodata` (GDAL_NODATA) when given. Band by band, so a memory-mapped cube is
+  never read whole.
+  """
+  import tifffile  # pylint: disable=g-import-not-at-top
+  from hsijax import fileio  # pylint: disable=g-import-not-at-top
+  h, w, b = cube.shape
+  tags = [t for t in extratags if t[0] != 42113]
+  if nodata is not None:
+    tags.append((42113, "s", 0, f"{nodata:g}", True))
+
+  def bands():
+    for k in range(b):
+      band = np.asarray(cube.band(k) if hasattr(cube, "band") else cube[:, :, k], np.float32)
+      yield band if nodata is None else np.where(np.isnan(band), np.float32(nodata), band)
+
+  with fileio.atomic_path(path) as tmp:
+    if tmp is not None:
+      tifffile.imwrite(tmp, data=bands(), shape=(b, h, w), dtype=np.float32,
+                       photometric="minisblack", planarconfig="separate", extratags=tags,
+                       metadata=None)
+  return pathlib.Path(path)
+
+
+def write_envi(path: PathLike, cube, wavelengths_nm=None,
+               nodata: float | None = None) -> pathlib.Path:
+  """Writes an (H, W, B) cube as ENVI band-sequential float32 (`path`.img + `path`.hdr,
+  `path` without extension), with its wavelengths and `data ignore value` for NaN pixels."""
+  from hsijax import fileio  # pylint: disable=g-import-not-at-top
+  base = pathlib.Path(path).with_suffix("")
+  h, w, b = cube.shape
+
+  def write_bands(f):
+    for k in range(b):
+      band = np.asarray(cube.band(k) if hasattr(cube, "band") else cube[:, :, k], np.float32)
+      if nodata is not None:
+        band = np.where(np.isnan(band), np.float32(nodata), band)
+      f.write(band.astype("<f4").tobytes())
+
+  fileio.atomic_write(base.with_suffix(".img"), write_bands, mode="wb", process0_only=True)
+  lines = ["ENVI", "description = {hsijax fused image}", f"samples = {w}", f"lines = {h}",
+           f"bands = {b}", "header offset = 0", "file type = ENVI Standard",
+           "data type = 4", "interleave = bsq", "byte order = 0"]
+  if nodata is not None:
+    lines.append(f"data ignore value = {nodata:g}")
+  if wavelengths_nm is not None:
+    lines += ["wavelength units = Nanometers",
+              "wavelength = {" + ", ".join(f"{v:g}" for v in np.ravel(wavelengths_nm)) + "}"]
+  return fileio.write_text(base.with_suffix(".hdr"), "\n".join(lines) + "\n")

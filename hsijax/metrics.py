@@ -405,6 +405,49 @@ def no_reference_metrics(x_fused, z_msi, y_lr, ratio: int,
   return {k: float(vals[k]) for k in ("d_lambda", "d_s", "qnr")}
 
 
+@functools.partial(jax.jit, static_argnames=("ratio", "hr", "lr"))
+def _no_reference_sums(f, z, y, ratio, hr, lr):
+  """Block-summed pairwise Q matrices of one strip (for `no_reference_metrics_by_rows`)."""
+  r = int(ratio)
+  h, w, nb = z.shape
+  z_lr = z.reshape(h // r, r, w // r, r, nb).mean((1, 3))
+  n = (h // hr) * (w // hr)
+  return {"ff": _block_pairwise_q(f, f, hr) * n, "yy": _block_pairwise_q(y, y, lr) * n,
+          "fz": _block_pairwise_q(f, z, hr) * n, "yz": _block_pairwise_q(y, z_lr, lr) * n,
+          "n": jnp.float32(n)}
+
+
+def no_reference_metrics_by_rows(rows_fn, z_msi, y_lr, ratio: int,
+                                 block: int = QNR_BLOCK, rows: int = 256) -> dict[str, float]:
+  """`no_reference_metrics` of a fused image read by rows (a scene larger than memory).
+
+  rows_fn(a, b) -> the fused image's rows a..b-1 (b - a, W, B) (e.g. a `fileio.BandFile`
+  slice). The image is read in strips of whole Q blocks; the block-averaged Q matrices are
+  combined over the strips, so the result equals the whole-image computation (to float
+  rounding). Images smaller than a block fall back to it.
+  """
+  z, y = np.asarray(z_msi), np.asarray(y_lr)
+  H, W = z.shape[:2]
+  r = int(ratio)
+  hr, lr = _block_sides(y.shape[0], y.shape[1], block, r)
+  if hr is None or H < hr or W < hr or hr % r:
+    return no_reference_metrics(rows_fn(0, H), z, y, r, block)
+  step = hr * max(1, rows // hr)
+  total = None
+  for a in range(0, (H // hr) * hr, step):
+    b = min(a + step, (H // hr) * hr)
+    part = _no_reference_sums(jnp.asarray(rows_fn(a, b), jnp.float32), z[a:b],
+                              y[a // r:b // r], r, hr, lr)
+    total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
+  n = total["n"]
+  bands = y.shape[2]
+  off = ~np.eye(bands, dtype=bool)
+  dl = float(jnp.sum(jnp.where(off, jnp.abs(total["ff"] - total["yy"]) / n, 0.0)) /
+             (bands * (bands - 1)))
+  ds = float(jnp.mean(jnp.abs(total["fz"] - total["yz"]) / n))
+  return {"d_lambda": dl, "d_s": ds, "qnr": (1.0 - dl) * (1.0 - ds)}
+
+
 # ------------------------------------------------------------------------------ spectral FID
 
 

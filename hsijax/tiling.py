@@ -180,48 +180,74 @@ def border_distance(grid: TileGrid, halo: int = 0) -> np.ndarray:
 def map_tiles(fn: Callable[..., jax.Array], grid: TileGrid,
               inputs: Sequence[tuple[np.ndarray, int]], *, tiles_per_call: int,
               mesh: jax.sharding.Mesh | None = None, halo: int = 0, desc: str | None = None,
-              steps_per_call: int = 0) -> np.ndarray:
+              steps_per_call: int = 0, out: np.ndarray | None = None) -> np.ndarray:
   """Runs `fn` on every window of `grid`, a chunk of windows per call, and blends the outputs.
 
   The one tile loop of the library (SDP windows, SCDM tiles). Windows are cut on the host,
   `tiles_per_call` at a time (rounded up to a multiple of the mesh's `data` axis, the last
   chunk padded by repeating its last window), placed on the devices sharded over `data`,
   and the (n, t, t, C) outputs are gathered back and blended with `blend_weights(grid,
-  halo)` into running sums, so host memory holds the scene and device memory one chunk.
+  halo)`. Only a strip of rows is held: windows come in row-major order, so once a window
+  of a lower row starts, the rows above it are final and go to the output.
 
   Args:
     fn: fn(call_index, starts (n, 2) int32, *windows) -> (n, tile, tile, C), windows being
       one (n, tile / scale, tile / scale, C_i) array per input, all sharded over `data`.
       call_index numbers the chunks (e.g. to fold a key).
     grid: the windows (`make_grid`).
-    inputs: (image, scale) pairs: image (H / scale, W / scale, C_i) on the host.
+    inputs: (image, scale) pairs: image (H / scale, W / scale, C_i) on the host (NumPy
+      arrays or memory maps; only the windows are read).
     tiles_per_call: windows per call.
     mesh: mesh with a `data` axis (default: all devices).
     halo: blend halo (see `blend_weights`).
     desc: progress label (None: no bar); each call opens a bar of `steps_per_call` steps
       that jitted code inside fn advances with `progress.tick`.
+    out: where to write the (H, W, C) result (e.g. `np.lib.format.open_memmap`), strip by
+      strip, so host memory holds two windows' height of rows, not the scene; None = a new
+      array.
 
   Returns:
-    (H, W, C) float32 NumPy array.
+    (H, W, C) float32 array (`out` when given).
   """
   from hsijax import progress, sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh() if mesh is None else mesh
   data = sharding.data_sharded(mesh)
   weights = blend_weights(grid, halo)
   n = len(grid.starts)
-  t = grid.tile
-  acc, norm = None, np.zeros((grid.height, grid.width, 1), np.float32)
+  t, H, W = grid.tile, grid.height, grid.width
+  rows = 2 * t  # strip height: the current row of windows and the next one
+  acc = norm = None
+  top = 0  # scene row of the strip's first row; rows above it are written
+
+  def flush(upto):
+    nonlocal top, acc, norm
+    k = min(upto, H) - top
+    if k <= 0:
+      return
+    out[top:top + k] = acc[:k] / norm[:k]
+    acc = np.concatenate([acc[k:], np.zeros((k,) + acc.shape[1:], np.float32)])
+    norm = np.concatenate([norm[k:], np.zeros((k, W, 1), np.float32)])
+    top += k
+
   calls = list(chunks(n, tiles_per_call, mesh.shape[sharding.DATA_AXIS]))
   for c, (idx, n_real) in enumerate(calls):
     starts = grid.starts[idx]
-    windows = [np.stack([np.asarray(img)[r // s:(r + t) // s, col // s:(col + t) // s]
-                         for r, col in starts]) for img, s in inputs]
+    windows = [np.stack([np.asarray(img[r // s:(r + t) // s, col // s:(col + t) // s],
+                                    np.float32) for r, col in starts]) for img, s in inputs]
     args = [sharding.put_global(w, data) for w in windows]
     label = None if desc is None else f"{desc} {idx[0] + 1}-{idx[0] + n_real}/{n}"
     with progress.bar(steps_per_call, desc=label) if label else contextlib.nullcontext():
-      out = sharding.to_host(fn(c, sharding.put_global(starts.astype(np.int32), data),
-                                *args))
+      result = sharding.to_host(fn(c, sharding.put_global(starts.astype(np.int32), data),
+                                   *args))
     if acc is None:
-      acc = np.zeros((grid.height, grid.width, out.shape[-1]), np.float32)
-    accumulate(acc, norm, out[:n_real], starts[:n_real], weights[idx[:n_real]])
-  return acc / norm
+      out = np.zeros((H, W, result.shape[-1]), np.float32) if out is None else out
+      acc = np.zeros((rows, W, result.shape[-1]), np.float32)
+      norm = np.zeros((rows, W, 1), np.float32)
+    for tile_out, (r, col), w in zip(result[:n_real], starts[:n_real],
+                                     weights[idx[:n_real]]):
+      if r + t > top + rows:  # rows above this window are final
+        flush(r)
+      acc[r - top:r - top + t, col:col + t] += tile_out * w[..., None]
+      norm[r - top:r - top + t, col:col + t, 0] += w
+  flush(H)
+  return out

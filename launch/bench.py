@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from benchmarks import report, workloads
-from launch import common
+from launch import common, runner
 
 
 def run(config, workdir) -> dict[str, Any]:
@@ -39,4 +39,4 @@ def main(config, workdir) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  common.run_main(main, "configs/bench.py:cpu", "workdirs/bench", "Benchmark config")
+  runner.run_main(main, "configs/bench.py:cpu", "workdirs/bench", "Benchmark config")

@@ -5,7 +5,6 @@ import contextlib
 import logging
 import os
 import pathlib
-import sys
 from typing import Any
 
 import jax
@@ -32,7 +31,9 @@ def setup(workdir: str | os.PathLike | None) -> pathlib.Path:
         "the bucket (e.g. gcsfuse) or use a shared filesystem and pass its local path.")
   path = pathlib.Path(workdir).expanduser().resolve()
   path.mkdir(parents=True, exist_ok=True)
-  absl_logging.set_verbosity(absl_logging.INFO if jax.process_index() == 0 else
+  # The entry points print their own progress; library INFO logs (backend probing, Orbax)
+  # would bury it.
+  absl_logging.set_verbosity(absl_logging.WARNING if jax.process_index() == 0 else
                              absl_logging.ERROR)
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -52,6 +53,24 @@ def naming(flag: str, spec: str):
     yield
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise type(e)(f"{flag}={spec}: {e}") from e
+
+
+def load_image(spec: str, flag: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
+  """An (H, W, C) image FILE[:KEY], its valid-pixel mask (None when every pixel is valid) and
+  its band wavelengths (or None): no-data pixels (ENVI data ignore value, TIFF nodata, NaN)
+  are filled with each band's median (`hsijax.sdp.fill_invalid`) and reported, not an
+  error."""
+  if not spec:
+    raise ValueError(f"{flag} is empty; pass {flag}=FILE[:KEY]")
+  path, key = data.parse_path_key(spec)
+  with naming(flag, spec):
+    a, valid, wavelengths, source = data.load_masked(path, key, ndim=3)
+  if valid is None:
+    return a, None, wavelengths
+  from hsijax import sdp  # pylint: disable=g-import-not-at-top
+  log(f"{source}: {int((~valid).sum())} of {valid.size} pixels have no data; they are "
+      "filled for the solve, left out of training and marked NaN in the output")
+  return sdp.fill_invalid(a, valid), valid, wavelengths
 
 
 def load_input(spec: str, flag: str, ndim: tuple[int, ...] = (3,),
@@ -91,7 +110,7 @@ def format_table(rows: dict[str, dict[str, float]], keys: list[str] | None = Non
   return "\n".join(lines)
 
 
-def _resolve_config_path(argv: list[str]) -> list[str]:
+def resolve_config_path(argv: list[str]) -> list[str]:
   """--config=configs/x.py[:arg] works from any directory: a path that does not exist here
   is looked up in the installed package's checkout."""
   out = []
@@ -102,24 +121,3 @@ def _resolve_config_path(argv: list[str]) -> list[str]:
         a = f"--config={REPO / path}{sep}{arg}"
     out.append(a)
   return out
-
-
-def run_main(run_fn, default_config: str, default_workdir: str, what: str = "Config") -> None:
-  """The `__main__` of an entry point: defines --config / --workdir and calls run_fn(cfg, dir).
-
-  Flags are defined here, at run time rather than import time, so tests can import every
-  entry point in one process.
-  """
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  config_flags.DEFINE_config_file("config", str(REPO / default_config), f"{what} file and "
-                                  "preset.", lock_config=True)
-  flags.DEFINE_string("workdir", default_workdir, "Output folder.")
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    run_fn(flags.FLAGS.config, flags.FLAGS.workdir)
-
-  app.run(main, argv=_resolve_config_path(sys.argv))

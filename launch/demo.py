@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 
 from configs import sdp as sdp_config
-from launch import common, evaluate_sdp, scenes
+from launch import common, runner, evaluate_sdp, scenes
 
 # Lower is better for these; higher for the others.
 _LOWER = ("sam", "rmse", "ergas")
@@ -43,4 +43,4 @@ def run(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(run, "configs/sdp.py:demo", "workdirs/demo", "SDP config")
+  runner.run_main(run, "configs/sdp.py:demo", "workdirs/demo", "SDP config")

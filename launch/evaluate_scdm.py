@@ -24,13 +24,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from configs import common as config_common
 from configs import scdm as scdm_config
 from hsijax import metrics, plots, scdm, sharding
 from hsijax.scdm import evaluate as scdm_eval
-from launch import common, scdm_data
+from launch import common, runner, scdm_data
 
 
 def run(cfg, workdir) -> dict[str, Any]:
+  scdm_config.validate(cfg)
   workdir = common.setup(workdir)
   t_start = time.perf_counter()
   if len(cfg.stages) != 2:
@@ -39,7 +41,7 @@ def run(cfg, workdir) -> dict[str, Any]:
   cube = scdm_data.load_cube(cfg)
   train, test = scdm_eval.split_cube(cube, "quadrant", int(cfg.data.test_quadrant))
   rgb_bands = list(cfg.data.rgb_bands)
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh, policy = sharding.make_mesh(cfg.mesh), config_common.policy(cfg)
   common.log(f"SCDM evaluation on {cfg.data.path}: train {train.shape}, test "
              f"{scdm_eval.QUADRANT_NAMES[cfg.data.test_quadrant]} quadrant {test.shape}, "
              f"{cfg.train.steps} steps per model, {cfg.sample.method} "
@@ -49,7 +51,7 @@ def run(cfg, workdir) -> dict[str, Any]:
   for name, num_stages in (("one_stage", 1), ("cascade", 2)):
     models[name] = scdm.train(scdm_config.make_cascade(cfg, train, num_stages), train,
                               steps=int(cfg.train.steps), key=int(cfg.seed),
-                              workdir=workdir / name, mesh=mesh,
+                              workdir=workdir / name, mesh=mesh, policy=policy,
                               **scdm_config.train_settings(cfg))
     for k, entry in models[name].info.items():
       training[f"{name}/{k}"] = {**{n: v for n, v in entry.items() if n != "history"},
@@ -68,7 +70,7 @@ def run(cfg, workdir) -> dict[str, Any]:
                      [s | {"pdt_target": other} for s in best]))
   key = jax.random.fold_in(jax.random.key(int(cfg.seed)), 1_000_003)
   res = scdm_eval.compare(test, train, rgb_bands, variants, key=key, mesh=mesh,
-                          **scdm_config.sample_settings(cfg))
+                          policy=policy, **scdm_config.sample_settings(cfg))
   outputs, sample_seconds = res.pop("outputs"), res["sampling_seconds"]
   seconds = {"training": train_seconds, "sampling": float(sum(sample_seconds.values())),
              "total": time.perf_counter() - t_start}
@@ -105,4 +107,4 @@ def run(cfg, workdir) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  common.run_main(run, "configs/scdm.py:tiny", "workdirs/scdm_eval", "SCDM config")
+  runner.run_main(run, "configs/scdm.py:tiny", "workdirs/scdm_eval", "SCDM config")

@@ -17,10 +17,11 @@ DIR/fusion.png, DIR/band_psnr.png and DIR/checkpoints/ (the prior; a rerun resum
 """
 from __future__ import annotations
 
+from configs import common as config_common
 from configs import sdp as sdp_config
 from hsijax import metrics, sharding
 from hsijax import sdp
-from launch import common, report, scenes
+from launch import common, runner, report, scenes
 
 
 def evaluate(cfg, workdir, scene: scenes.Scene, title: str | None = None) -> dict:
@@ -31,7 +32,7 @@ def evaluate(cfg, workdir, scene: scenes.Scene, title: str | None = None) -> dic
       known_operators=cfg.known_operators, train_steps=cfg.train.steps,
       prior_settings=sdp_config.prior_settings(cfg), steps=cfg.solver.num_steps,
       methods=sdp_config.methods(cfg), workdir=workdir, mesh=sharding.make_mesh(cfg.mesh),
-      **sdp_config.fusion_settings(cfg))
+      policy=config_common.policy(cfg), **sdp_config.fusion_settings(cfg))
   common.log(f"scene: {scene.description}; reference {ev.reference.shape}, LR-HSI "
              f"{ev.y.shape}, HR-MSI {ev.z.shape}")
   table = {**ev.table, "conventions": metrics.CONVENTIONS}
@@ -58,4 +59,4 @@ def run(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(run, "configs/sdp.py:crop", "workdirs/evaluate_sdp", "SDP config")
+  runner.run_main(run, "configs/sdp.py:crop", "workdirs/evaluate_sdp", "SDP config")

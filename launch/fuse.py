@@ -16,7 +16,9 @@ check_pair, train_prior, run_methods.
 Writes DIR/fused.npz (X: SDP (H, W, B); X_baseline; psf, srf, scale), DIR/metrics.json
 ({method: {d_lambda, d_s, qnr[, psnr, sam, rmse, ergas, uiqi]}, "seconds", "conventions"}),
 DIR/run.json, DIR/checkpoints/ and DIR/prior.json, and with a reference DIR/fusion.png and
-DIR/band_psnr.png.
+DIR/band_psnr.png. No-data pixels of the inputs (ENVI data ignore value, TIFF nodata, NaN)
+are filled for the solve, left out of the prior's training and NaN in X (`valid` in
+fused.npz); the metrics are of the filled images.
 """
 from __future__ import annotations
 
@@ -25,10 +27,11 @@ import time
 import jax
 import numpy as np
 
+from configs import common as config_common
 from configs import sdp as sdp_config
 from hsijax import metrics, sharding
 from hsijax import sdp
-from launch import common, report
+from launch import common, runner, report
 
 
 def load_inputs(cfg) -> dict:
@@ -36,14 +39,18 @@ def load_inputs(cfg) -> dict:
   if not cfg.data.hsi or not cfg.data.msi:
     raise ValueError("fuse needs both images: pass --config.data.hsi=FILE[:KEY] (LR-HSI, "
                      "h x w x B) and --config.data.msi=FILE[:KEY] (HR-MSI, H x W x b)")
-  y = common.load_input(cfg.data.hsi, "--config.data.hsi")
-  z = common.load_input(cfg.data.msi, "--config.data.msi")
+  y, y_valid, wavelengths = common.load_image(cfg.data.hsi, "--config.data.hsi")
+  z, z_valid, _ = common.load_image(cfg.data.msi, "--config.data.msi")
   opt = lambda spec, flag, nd: common.load_input(spec, flag, nd) if spec else None
   psf = opt(cfg.data.psf, "--config.data.psf", (2,))
   srf = opt(cfg.data.srf, "--config.data.srf", (2,))
   ratio = sdp.check_pair(y, z, psf=psf, srf=srf, psf_size=cfg.blind.psf_size,
-                         names=("--config.data.hsi", "--config.data.msi"))
+                         names=("--config.data.hsi", "--config.data.msi"),
+                         same_units=cfg.data.scale == "joint")
   y, z, scale = sdp.scale_pair(y, z, cfg.data.scale)
+  common.log(f"scaled the LR-HSI by 1/{scale['hsi']:.6g} and the HR-MSI by "
+             f"1/{scale['msi']:.6g} ({cfg.data.scale}); negative values clipped to 0: "
+             f"{scale['clipped']['hsi']} in the LR-HSI, {scale['clipped']['msi']} in the HR-MSI")
   ref = opt(cfg.data.reference, "--config.data.reference", (3,))
   if ref is not None and ref.shape != z.shape[:2] + y.shape[-1:]:
     raise ValueError(f"reference is {ref.shape} but must be (H, W, B) = "
@@ -55,10 +62,12 @@ def load_inputs(cfg) -> dict:
     if pixels.shape[-1] != y.shape[-1]:
       raise ValueError(f"train_pixels have {pixels.shape[-1]} bands but the LR-HSI has "
                        f"{y.shape[-1]}; give clean spectra of the same sensor")
+  lr_pixels = y.reshape(-1, y.shape[-1]) if y_valid is None else y[y_valid]
   return {
       "y": y, "z": z, "ratio": ratio, "psf": psf, "srf": srf, "scale": scale,
+      "valid": sdp.fused_valid(y_valid, z_valid, ratio), "wavelengths": wavelengths,
       "reference": None if ref is None else np.maximum(ref, 0) / scale["hsi"],
-      "train_pixels": y.reshape(-1, y.shape[-1]) if pixels is None
+      "train_pixels": lr_pixels if pixels is None
                       else np.clip(np.maximum(pixels, 0) / scale["hsi"], 0, 1),
       "pixel_source": "LR-HSI" if pixels is None else cfg.data.train_pixels,
   }
@@ -73,43 +82,53 @@ def run(config, workdir: str) -> dict:
   inp = load_inputs(cfg)
   y, z, ratio = inp["y"], inp["z"], inp["ratio"]
   settings = sdp.FusionSettings.from_kwargs(**sdp_config.fusion_settings(cfg))
-  if settings.tile:
-    sdp.tiled.check_tiling(settings.tile, settings.tile_overlap, ratio, settings.tiles_per_call)
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh, policy = sharding.make_mesh(cfg.mesh), config_common.policy(cfg)
+  windows = sdp.plan_windows(z.shape[:2] + y.shape[-1:], z.shape[-1], ratio, settings,
+                             hidden=cfg.model.hidden, devices=mesh.shape["data"],
+                             methods=len(methods.split(",")))
+  if windows[0]:
+    sdp.tiled.check_tiling(windows[0], windows[1], ratio, windows[2])
   prior = None
   if "sdp" in sdp.evaluate.check_methods(methods):
     common.log(f"LR-HSI {y.shape}, HR-MSI {z.shape}, ratio {ratio}; spectral prior on "
                f"{inp['train_pixels'].shape[0]} pixels of {inp['pixel_source']}")
     prior = sdp.train_prior(inp["train_pixels"], steps=cfg.train.steps, key=cfg.seed,
-                            workdir=workdir, mesh=mesh, **sdp_config.prior_settings(cfg))
+                            workdir=workdir, mesh=mesh, policy=policy,
+                            **sdp_config.prior_settings(cfg))
+  # A windowed plan keeps every result on disk (written strip by strip), not in memory.
+  files = report.scene_files(workdir, methods, z.shape[:2] + y.shape[-1:]) if windows[0] \
+      else None
+  common.log(f"solving {'the whole scene at once' if not windows[0] else f'{windows[0]}-pixel windows'}"
+             f" (memory budget {settings.memory_gb or sdp.fusion.default_memory_gb():.1f} GB)")
   out = sdp.run_methods(y, z, prior=prior, key=jax.random.fold_in(jax.random.key(cfg.seed), 1),
                         methods=methods, psf=inp["psf"], srf=inp["srf"],
-                        steps=cfg.solver.num_steps, mesh=mesh, **sdp_config.fusion_settings(cfg))
+                        steps=cfg.solver.num_steps, mesh=mesh, policy=policy, outputs=files,
+                        **sdp_config.fusion_settings(cfg))
   table = sdp.no_reference_table(out.results, y, z, ratio)
   if inp["reference"] is not None:
     full = sdp.reference_table(inp["reference"], out.results, ratio)
     table = {k: {**full[k], **v} for k, v in table.items()}
   seconds = {"train": prior.info["seconds"] if prior else 0.0, **out.seconds,
              "total": time.perf_counter() - t_start}
-  s_y = inp["scale"]["hsi"]
   main = "sdp" if "sdp" in out.results else next(iter(out.results))
-  extra = {"X_baseline": out.results["baseline"] * s_y} if "baseline" in out.results else {}
-  common.save_npz(workdir / "fused.npz", X=out.results[main] * s_y, **extra, psf=out.psf,
-                  srf=out.srf, scale=np.float32(s_y))
+  written = report.write_fused(workdir, out, main, inp, cfg.data.hsi, cfg.data.msi)
   result = {**table, "seconds": seconds, "conventions": metrics.CONVENTIONS}
   common.write_json(workdir / "metrics.json", result)
   common.write_json(workdir / "run.json", {
       "ratio": ratio, "blind": out.blind, "scale": inp["scale"], "methods": list(out.results),
-      "output_X": main, "train": report.prior_summary(prior),
+      "output_X": main, "train": report.prior_summary(prior), "windows": windows,
+      "files": written, "policy": policy.__dict__,
+      "no_data_pixels": 0 if inp["valid"] is None else int((~inp["valid"]).sum()),
       "config": common.config_to_dict(cfg)})
-  if inp["reference"] is not None:
+  if inp["reference"] is not None and not windows[0]:
     report.save_fusion_figures(workdir, inp["reference"], out.results, table, y=y)
     report.print_table(table)
   else:
     common.log(common.format_table(table, ["d_lambda", "d_s", "qnr"]))
-  common.log(f"wrote {workdir / 'fused.npz'} (X = {main}) and {workdir / 'metrics.json'}")
+  report.remove_scene_files(files)
+  common.log(f"wrote {', '.join(written)} (X = {main}) and {workdir / 'metrics.json'}")
   return result
 
 
 if __name__ == "__main__":
-  common.run_main(run, "configs/sdp.py:real", "workdirs/fuse", "SDP config")
+  runner.run_main(run, "configs/sdp.py:real", "workdirs/fuse", "SDP config")

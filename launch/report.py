@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from hsijax import plots
+from hsijax import data, fileio, plots
 from hsijax import sdp
 from launch import common
 
@@ -41,3 +41,42 @@ def prior_summary(prior) -> dict[str, Any] | None:
   if prior is None:
     return None
   return {k: prior.info.get(k) for k in ("final_loss", "steps", "seconds", "workdir")}
+
+
+def scene_files(workdir: pathlib.Path, methods: str, shape) -> dict[str, Any]:
+  """Disk-backed (H, W, B) results, one per method (a windowed solve writes them by rows)."""
+  return {m: fileio.BandFile.create(workdir / f".result_{m}.bsq", shape)
+          for m in methods.split(",")}
+
+
+def remove_scene_files(files: dict[str, Any] | None) -> None:
+  for f in (files or {}).values():
+    f.close()
+    f.path.unlink(missing_ok=True)
+
+
+def write_fused(workdir: pathlib.Path, out, main: str, inp: dict, hsi_spec: str,
+                msi_spec: str) -> list[str]:
+  """fused.npz (X = `main`, X_baseline, valid, psf, srf, scale) in the LR-HSI's units, and
+  fused.tif (bands first, float32, the HR-MSI's georeferencing) when the HR-MSI is a TIFF,
+  fused.img / .hdr (ENVI, with wavelengths) when the LR-HSI is ENVI. NaN = no data."""
+  scale, valid = inp["scale"]["hsi"], inp["valid"]
+  results = {k: sdp.finish_output(v, scale, valid) for k, v in out.results.items()
+             if k in (main, "baseline")}
+  extra = {"X_baseline": results["baseline"]} if "baseline" in results and main != \
+      "baseline" else {}
+  if valid is not None:
+    extra["valid"] = valid
+  common.save_npz(workdir / "fused.npz", X=results[main], **extra, psf=out.psf, srf=out.srf,
+                  scale=np.float32(scale))
+  written = [str(workdir / "fused.npz")]
+  msi, _ = data.parse_path_key(msi_spec)
+  nodata = -9999.0 if valid is not None else None
+  if pathlib.Path(msi).suffix.lower() in (".tif", ".tiff"):
+    data.write_geotiff(workdir / "fused.tif", results[main], data.geotiff_tags(msi), nodata)
+    written.append(str(workdir / "fused.tif"))
+  hsi, _ = data.parse_path_key(hsi_spec)
+  if pathlib.Path(hsi).suffix.lower() == ".hdr" or data.is_envi(hsi):
+    data.write_envi(workdir / "fused", results[main], inp["wavelengths"], nodata)
+    written.append(str(workdir / "fused.img"))
+  return written

@@ -7,6 +7,8 @@
     python -m launch.sample_scdm --config=configs/scdm.py:paper_houston \
         --config.data.rgb=scene.npz:rgb [--config.data.reference=scene.npz:cube] \
         --workdir=workdirs/scdm_houston
+    # two processes (on one machine or two hosts): the same command with
+    #   --coordinator_address=HOST:12345 --num_processes=2 --process_id=0   (and =1)
 
 Reads the cascade `launch.train_scdm` trained in the same DIR (hsijax.scdm.load: EMA weights
 of every stage) and samples it (hsijax.scdm.sample): images of any size are cut into
@@ -27,13 +29,15 @@ from typing import Any
 
 import jax
 
+from configs import common as config_common
 from configs import scdm as scdm_config
 from hsijax import metrics, plots, scdm, sharding
-from launch import common, scdm_data
+from launch import common, runner, scdm_data
 
 
 def run(cfg, workdir) -> dict[str, Any]:
   """Samples the cascade on the configured input; returns the metrics dict (may be empty)."""
+  scdm_config.validate(cfg)
   workdir = common.setup(workdir)
   cascade = scdm.load(workdir, use_ema=bool(cfg.sample.use_ema))
   if len(cfg.stages) != cascade.num_stages:
@@ -50,7 +54,7 @@ def run(cfg, workdir) -> dict[str, Any]:
   t0 = time.perf_counter()
   key = jax.random.fold_in(jax.random.key(int(cfg.seed)), 1_000_003)
   x = scdm.sample(cascade, rgb, key=key, stages=stages, mesh=sharding.make_mesh(cfg.mesh),
-                  **settings)
+                  policy=config_common.policy(cfg), **settings)
   seconds = time.perf_counter() - t0
   common.save_npz(workdir / "samples.npz", X=x, rgb=rgb)
   out: dict[str, Any] = {}
@@ -77,4 +81,4 @@ def train_metrics(workdir: pathlib.Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  common.run_main(run, "configs/scdm.py:tiny", "workdirs/scdm", "SCDM config")
+  runner.run_main(run, "configs/scdm.py:tiny", "workdirs/scdm", "SCDM config")

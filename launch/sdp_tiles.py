@@ -24,16 +24,17 @@ import time
 import jax
 import numpy as np
 
+from configs import common as config_common
 from configs import sdp as sdp_config
 from hsijax import degrade, metrics, sharding, tiling
 from hsijax import sdp
-from launch import common, scenes
+from launch import common, runner, scenes
 
 
 def run(config, workdir: str) -> dict:
   workdir = common.setup(workdir)
   cfg = sdp_config.resolve(config)
-  tile = int(cfg.solver.tile)
+  tile = int(cfg.solver.tile or 0)
   if tile <= 0:
     raise ValueError("set --config.solver.tile (>= the scene size for the untiled reference)")
   scene = scenes.load_scene(cfg)
@@ -43,14 +44,15 @@ def run(config, workdir: str) -> dict:
   y, z, ref = (np.asarray(a, np.float32) for a in (wd.y, wd.z, wd.x))
   common.log(f"{scene.description}: LR-HSI {y.shape}, HR-MSI {z.shape}, ratio {wd.ratio}")
   prior = sdp.train_prior(np.asarray(wd.train_pixels), steps=cfg.train.steps, key=cfg.seed,
-                          workdir=workdir, **sdp_config.prior_settings(cfg))
+                          workdir=workdir, policy=config_common.policy(cfg),
+                          **sdp_config.prior_settings(cfg))
   mesh = sharding.make_mesh(cfg.mesh)
   seconds = []
   for _ in range(2):  # the first call compiles; the second is the steady-state time
     t0 = time.perf_counter()
     x = sdp.fuse(y, z, prior=prior, key=jax.random.fold_in(jax.random.key(cfg.seed), 1),
                  psf=wd.psf, srf=wd.srf, steps=cfg.solver.num_steps, mesh=mesh,
-                 **sdp_config.fusion_settings(cfg)).x
+                 policy=config_common.policy(cfg), **sdp_config.fusion_settings(cfg)).x
     seconds.append(time.perf_counter() - t0)
   H, W = z.shape[:2]
   result = {
@@ -78,4 +80,4 @@ def run(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(run, "configs/sdp.py:demo", "workdirs/tiles", "SDP config")
+  runner.run_main(run, "configs/sdp.py:demo", "workdirs/tiles", "SDP config")

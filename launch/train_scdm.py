@@ -27,13 +27,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from configs import common as config_common
 from configs import scdm as scdm_config
 from hsijax import scdm, sharding
-from launch import common, scdm_data
+from launch import common, runner, scdm_data
 
 
 def run(cfg, workdir) -> dict[str, Any]:
   """Trains the selected stages; returns (and writes) DIR/metrics.json's content."""
+  scdm_config.validate(cfg)
   workdir = common.setup(workdir)
   stages = scdm_config.stages_to_train(cfg)
   train = scdm_data.training_images(cfg)
@@ -43,7 +45,7 @@ def run(cfg, workdir) -> dict[str, Any]:
              f"{train.shape[0]} image(s) of {train.shape[1:3]} for {cfg.train.steps} steps")
   trained = scdm.train(cascade, train, steps=int(cfg.train.steps), key=int(cfg.seed),
                        workdir=workdir, stages=stages, mesh=sharding.make_mesh(cfg.mesh),
-                       **scdm_config.train_settings(cfg))
+                       policy=config_common.policy(cfg), **scdm_config.train_settings(cfg))
   metrics_path = workdir / "metrics.json"
   metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
   # Keep other stages' entries; sampling scores of older weights no longer apply.
@@ -59,4 +61,4 @@ def run(cfg, workdir) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  common.run_main(run, "configs/scdm.py:tiny", "workdirs/scdm", "SCDM config")
+  runner.run_main(run, "configs/scdm.py:tiny", "workdirs/scdm", "SCDM config")

@@ -5,6 +5,10 @@
     python -m launch.train_sdm --config=configs/sdp.py:real \
         --config.data.train_pixels=clean.npz:pixels --workdir=workdirs/sdm
     python -m launch.train_sdm --config=configs/sdp.py:demo --workdir=workdirs/sdm_demo
+    # two processes (on one machine or two hosts; CPU devices use gloo collectives):
+    python -m launch.train_sdm --config=configs/sdp.py:crop --config.data.path=CUBE.npz \
+        --workdir=workdirs/sdm --coordinator_address=HOST:12345 --num_processes=2 \
+        --process_id=0     # and --process_id=1 on the second process
 
 Pixels: `data.train_pixels` (N, B) or (h, w, B) if given (normalised to [0, 1] when outside
 it); otherwise the training half of `data.path` under the simulation protocol (the pixels
@@ -25,10 +29,11 @@ import time
 import jax
 import numpy as np
 
+from configs import common as config_common
 from configs import sdp as sdp_config
 from hsijax import degrade, progress, sharding
 from hsijax import sdp
-from launch import common, scenes
+from launch import common, runner, scenes
 
 
 def training_pixels(cfg) -> tuple[np.ndarray, str]:
@@ -53,7 +58,8 @@ def run(config, workdir: str) -> dict:
   pixels, source = training_pixels(cfg)
   common.log(f"training on {source}; {cfg.train.steps} steps")
   prior = sdp.train_prior(pixels, steps=cfg.train.steps, key=cfg.seed, workdir=workdir,
-                          mesh=sharding.make_mesh(cfg.mesh), **sdp_config.prior_settings(cfg))
+                          mesh=sharding.make_mesh(cfg.mesh), policy=config_common.policy(cfg),
+                          **sdp_config.prior_settings(cfg))
   num = int(min(cfg.train.fid_samples, max(pixels.shape[0], 2 * pixels.shape[-1] + 2)))
   with progress.bar(prior.num_timesteps, desc="FID sampling"):
     fid = sdp.evaluate_fid(prior.model, prior.params, prior.schedule(), pixels,
@@ -71,4 +77,4 @@ def run(config, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  common.run_main(run, "configs/sdp.py:demo", "workdirs/train_sdm", "SDP config")
+  runner.run_main(run, "configs/sdp.py:demo", "workdirs/train_sdm", "SDP config")

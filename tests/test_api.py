@@ -71,7 +71,8 @@ def test_fuse_reuses_the_compiled_solver_and_matches_run_methods():
   b = sdp.fuse(y, z, **kw)
   info = sdp.fusion._cached_solver.cache_info()
   assert (info.misses, info.hits) == (1, 1)   # built once ...
-  jitted, n = sdp.fusion.solver_for(prior, ratio=2, steps=4, settings=sdp.FusionSettings())
+  jitted, n = sdp.fusion.solver_for(prior, ratio=2, steps=4, settings=sdp.FusionSettings(),
+                                    lr_rows=y.shape[0])
   assert n == 4 and jitted._cache_size() == 1   # ... and compiled once
   np.testing.assert_array_equal(a.x, b.x)       # same key, same result
   assert a.x.shape == x.shape and a.psf.shape == (3, 3) and a.srf.shape == (4, 10) and a.blind

@@ -148,7 +148,7 @@ def test_config_tiling_reaches_the_tiled_solver(monkeypatch):
 
   def fake(model, schedule, **kwargs):
     seen.update(kwargs, num_steps=schedule.num_steps)
-    return lambda params, y, z, psf, srf, key: np.zeros(z.shape[:2] + y.shape[-1:],
+    return lambda params, y, z, psf, srf, key, out=None: np.zeros(z.shape[:2] + y.shape[-1:],
                                                         np.float32)
 
   monkeypatch.setattr(fusion.tiled, "make_tiled_solver", fake)

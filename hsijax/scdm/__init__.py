@@ -23,8 +23,8 @@ from hsijax.scdm.pipeline import (SampleSettings, StageTrainSettings, load, samp
                                   train_stage)
 from hsijax.scdm.sampler import (SamplerSettings, icmg, make_cascade_sampler, make_sampler,
                                  pdt_clamp_eps, pdt_clamp_x, pdt_percentile, sampler_step)
-from hsijax.scdm.training import (TrainState, fit, init_train_state, make_optimizer,
-                               make_train_step, random_crops, scdm_loss)
+from hsijax.scdm.training import (TrainState, device_crops, fit, init_train_state,
+                                  make_optimizer, make_train_step, random_crops, scdm_loss)
 from hsijax.scdm.unet import CondUNet, count_params, init_params
 
 __all__ = [
@@ -36,7 +36,7 @@ __all__ = [
     "make_sampler", "make_cascade_sampler", "sampler_step", "SamplerSettings", "icmg",
     "pdt_clamp_eps", "pdt_clamp_x", "pdt_percentile",
     "TrainState", "make_train_step", "make_optimizer", "init_train_state", "scdm_loss",
-    "fit", "random_crops",
+    "fit", "random_crops", "device_crops",
     "stage_band_indices", "stage_counts", "stage_condition", "condition_channels",
     "rgb_from_hsi", "Normaliser", "HOUSTON_RGB_BANDS", "PAVIA_RGB_BANDS",
     "PAPER_STAGE_COUNTS",

@@ -195,8 +195,8 @@ class UNetSettings:
     """The U-Net's downsampling factor 2 ** (levels - 1): inputs are multiples of it."""
     return 2 ** (len(self.channel_mults) - 1)
 
-  def model(self, out_channels: int) -> CondUNet:
-    return CondUNet(out_channels=int(out_channels), base=int(self.base),
+  def model(self, out_channels: int, policy: Any = None) -> CondUNet:
+    return CondUNet(out_channels=int(out_channels), base=int(self.base), policy=policy,
                     channel_mults=self.channel_mults, num_res_down=int(self.num_res_down),
                     num_res_up=int(self.num_res_up), attn_levels=self.attn_levels,
                     mid_attn=bool(self.mid_attn), dropout=float(self.dropout),
@@ -280,8 +280,9 @@ class Cascade:
       return out, 3
     return out, len(self.band_sets[k - 1]) + (3 if self.cond_rgb else 0)
 
-  def stage_model(self, k: int) -> CondUNet:
-    return self.unet.model(self.stage_channels(k)[0])
+  def stage_model(self, k: int, policy: Any = None) -> CondUNet:
+    """Stage k's U-Net (policy: the platform policy, None = the running backend's)."""
+    return self.unet.model(self.stage_channels(k)[0], policy)
 
   def stage_pairs(self, images_norm: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Stage k's training pairs from normalised cubes (M, H, W, N): (x, condition).

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from hsijax import diffusion, fileio, progress, sharding, tiling
+from hsijax import policy as policy_lib
 from hsijax import settings as settings_lib
 from hsijax.checkpoint import Checkpointer
 from hsijax.scdm import sampler as sampler_lib
@@ -179,7 +180,8 @@ def _check_images(cascade: Cascade, images: Any, crop: int) -> np.ndarray:
 def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int, key: Any,
                 settings: StageTrainSettings = StageTrainSettings(),
                 workdir: str | pathlib.Path | None = None,
-                mesh: jax.sharding.Mesh | None = None) -> tuple[Any, dict[str, Any]]:
+                mesh: jax.sharding.Mesh | None = None, policy: Any = None
+                ) -> tuple[Any, dict[str, Any]]:
   """Trains (or resumes) stage k on normalised cubes (M, H, W, N) up to `steps`.
 
   Returns (EMA params, info {"final_loss", "steps", "seconds", "num_bands", "num_params",
@@ -196,7 +198,7 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
   out, _ = cascade.stage_channels(k)
   x, cond = cascade.stage_pairs(images_norm, k)
   state, history = train_lib.fit(
-      cascade.stage_model(k), x, cond,
+      cascade.stage_model(k, policy), x, cond,
       schedule=diffusion.make_schedule(cascade.schedule, cascade.num_timesteps),
       num_steps=int(steps), batch_size=int(s.batch), crop_size=int(s.crop),
       loss_type=s.loss_type, sam_weight=float(s.sam_weight), cond_drop=float(s.cond_drop),
@@ -205,7 +207,7 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
       checkpoint_every=int(s.checkpoint_every), max_to_keep=int(s.max_to_keep), mesh=mesh,
       log_every=int(s.log_every), desc=f"stage {k} ({out} bands)",
       prediction=cascade.prediction,
-      lr_decay_steps=int(steps) if s.lr_schedule == "cosine" else 0)
+      lr_decay_steps=int(steps) if s.lr_schedule == "cosine" else 0, policy=policy)
   info = {"final_loss": history["loss"][-1] if history["loss"] else None,
           "steps": int(np.asarray(state.step)), "seconds": time.perf_counter() - t0,
           "num_bands": out, "num_params": int(sum(np.size(p) for p in
@@ -216,7 +218,8 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
 
 def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
           workdir: str | pathlib.Path | None = None, stages: Sequence[int] | None = None,
-          mesh: jax.sharding.Mesh | None = None, **settings: Any) -> Cascade:
+          mesh: jax.sharding.Mesh | None = None, policy: Any = None,
+          **settings: Any) -> Cascade:
   """Trains the cascade's stages on cubes in original units.
 
   Args:
@@ -227,6 +230,7 @@ def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
     workdir: folder for cascade.json and stage{k}/checkpoints; None = in memory only.
     stages: which stages to train (default all); others are loaded from workdir if there.
     mesh: devices (default all); batches are sharded over "data".
+    policy: platform choices (hsijax.policy; None = the running backend's).
     **settings: `StageTrainSettings` fields (batch, crop, lr, lr_schedule, ema_decay, ...).
 
   Returns:
@@ -254,7 +258,7 @@ def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
   for k in stages:
     params[k], info[f"stage{k}"] = train_stage(cascade, images_norm, k, steps=steps,
                                                key=jax.random.fold_in(key, k), settings=s,
-                                               workdir=workdir, mesh=mesh)
+                                               workdir=workdir, mesh=mesh, policy=policy)
   missing = [k for k in range(cascade.num_stages) if k not in params]
   if missing and workdir is not None and all(_has_checkpoint(workdir, k) for k in missing):
     loaded = load(workdir)
@@ -297,8 +301,8 @@ def load(workdir: str | pathlib.Path, *, use_ema: bool = True) -> Cascade:
         cascade.stage_model(k), key, (1, f, f, out), (1, f, f, cond)), jax.random.key(0))
     name = "ema_params" if use_ema else "params"
     with Checkpointer(stage_dir(workdir, k)) as ckpt:
-      step = ckpt.latest_step()
-      params.append(ckpt.restore_part({name: abstract}, step=step)[name])
+      step, part = ckpt.restore_part({name: abstract})  # newest intact step
+      params.append(part[name])
       steps.append(int(step))
   return cascade.with_params(params, steps)
 
@@ -308,14 +312,15 @@ def load(workdir: str | pathlib.Path, *, use_ema: bool = True) -> Cascade:
 
 @functools.lru_cache(maxsize=16)
 def _runner(cascade: Cascade, stage_settings: tuple[sampler_lib.SamplerSettings, ...],
-            num_steps: int | None, respacing: str, mesh: jax.sharding.Mesh):
+            num_steps: int | None, respacing: str, mesh: jax.sharding.Mesh, policy: Any):
   """jit(sample_cascade) with tiles sharded over "data" (built once per setting)."""
   sched = diffusion.make_respaced_schedule(cascade.schedule, cascade.num_timesteps, num_steps,
                                            respacing)
-  models = [cascade.stage_model(k) for k in range(cascade.num_stages)]
+  models = [cascade.stage_model(k, policy) for k in range(cascade.num_stages)]
   fn = sampler_lib.make_cascade_sampler(models, [sched] * len(models), list(stage_settings),
                                         include_rgb=cascade.cond_rgb,
-                                        prediction=cascade.prediction, jit=False)
+                                        prediction=cascade.prediction, jit=False,
+                                        progress_every=policy_lib.resolve(policy).progress_every)
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   run = jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=data)
   return run, len(models) * sched.num_steps
@@ -344,7 +349,7 @@ def stage_settings(stages: Sequence[Any] | None, num_stages: int, method: str, e
 
 def sample(cascade: Cascade, rgb: Any, *, key: Any, stages: Sequence[Any] | None = None,
            mesh: jax.sharding.Mesh | None = None, show_progress: bool = True,
-           **settings: Any) -> np.ndarray:
+           policy: Any = None, **settings: Any) -> np.ndarray:
   """Samples the hyperspectral cube of an RGB image.
 
   Args:
@@ -355,6 +360,7 @@ def sample(cascade: Cascade, rgb: Any, *, key: Any, stages: Sequence[Any] | None
       {"guidance_scale": 1.0, "pdt_target": "x", "pdt_p_T": 0.88}]; None = plain sampling.
     mesh: devices (default all); tiles are sharded over "data".
     show_progress: False hides the progress output.
+    policy: platform choices (hsijax.policy; None = the running backend's).
     **settings: `SampleSettings` fields (method, num_steps, respacing, eta, tile, overlap,
       tiles_per_call).
 
@@ -389,7 +395,7 @@ def sample(cascade: Cascade, rgb: Any, *, key: Any, stages: Sequence[Any] | None
     overlap = min(int(s.overlap) // factor * factor, tile - factor)
   mesh = sharding.make_mesh() if mesh is None else mesh
   settings_k = stage_settings(stages, cascade.num_stages, s.method, s.eta)
-  run, total = _runner(cascade, settings_k, s.num_steps, s.respacing, mesh)
+  run, total = _runner(cascade, settings_k, s.num_steps, s.respacing, mesh, policy)
   params = sharding.replicate(list(cascade.params), mesh)
   key = settings_lib.as_key(key)
   grid = tiling.make_grid(hp, wp, tile, overlap, multiple=factor)

@@ -19,8 +19,9 @@ from hsijax.sdp.denoiser import (SpectralDenoiser, apply_with_input_grad, count_
                                  fold_time_condition, time_condition)
 from hsijax.sdp.evaluate import (METHODS, Evaluation, MethodResults, evaluate_cube,
                                  no_reference_table, reference_table, run_methods)
-from hsijax.sdp.fusion import (Fusion, FusionSettings, check_pair, estimate_operators, fuse,
-                               infer_ratio, scale_pair)
+from hsijax.sdp.fusion import (Fusion, FusionSettings, check_pair, estimate_operators,
+                               fill_invalid, finish_output, fuse, fused_valid, infer_ratio,
+                               plan_windows, scale_pair)
 from hsijax.sdp.prior import Prior, load_prior, train_prior
 from hsijax.sdp.solver import (fusion_grad, fusion_loss, initial_x, make_batched_solver,
                                make_solver, respaced_lr_scale)
@@ -33,6 +34,7 @@ __all__ = [
     # verbs and their values
     "train_prior", "load_prior", "Prior", "PriorSettings",
     "fuse", "Fusion", "FusionSettings", "scale_pair", "check_pair", "infer_ratio",
+    "fill_invalid", "fused_valid", "finish_output", "plan_windows",
     "run_methods", "MethodResults", "evaluate_cube", "Evaluation", "METHODS",
     "reference_table", "no_reference_table", "estimate_operators",
     # building blocks

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from hsijax import classical, degrade, metrics
+from hsijax import classical, degrade, metrics, tiling
 from hsijax import settings as settings_lib
 from hsijax.sdp import fusion as fusion_lib
 from hsijax.sdp import prior as prior_lib
@@ -55,7 +55,8 @@ def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
 def run_methods(y: Any, z: Any, *, prior: prior_lib.Prior | None, key: Any,
                 methods: Sequence[str] | str = METHODS, psf: Any = None, srf: Any = None,
                 steps: int | None = None, mesh: jax.sharding.Mesh | None = None,
-                show_progress: bool = True, **settings: Any) -> MethodResults:
+                show_progress: bool = True, policy: Any = None,
+                outputs: dict[str, Any] | None = None, **settings: Any) -> MethodResults:
   """Runs the chosen methods with one set of operators (estimated once when not given).
 
   Args:
@@ -63,7 +64,11 @@ def run_methods(y: Any, z: Any, *, prior: prior_lib.Prior | None, key: Any,
     prior: the spectral prior ("sdp" needs it).
     key: key or int seed of the SDP / Baseline solves (both use the same key).
     methods: names from METHODS (default all).
-    psf, srf, steps, mesh, **settings: as for `fuse`.
+    psf, srf, steps, mesh, policy, **settings: as for `fuse`.
+    outputs: method -> an (H, W, B) array to write into (e.g. `fileio.BandFile` on disk):
+      the solve is then windowed as `fuse` plans it and the classical methods run window
+      by window on the same grid (each window with its own regression / subspace), so no
+      scene-sized array is ever held in memory.
   """
   methods = check_methods(methods)
   if "sdp" in methods and prior is None:
@@ -86,17 +91,31 @@ def run_methods(y: Any, z: Any, *, prior: prior_lib.Prior | None, key: Any,
   results: dict[str, np.ndarray] = {}
   for name in methods:
     t0 = time.perf_counter()
+    target = (outputs or {}).get(name)
     if name in ("sdp", "baseline"):
       out = fusion_lib.fuse(y, z, prior=prior if name == "sdp" else None, key=key, psf=psf,
                             srf=srf, steps=steps, mesh=mesh, show_progress=show_progress,
-                            **settings)
+                            policy=policy, out=target, **settings)
       results[name] = out.x
+    elif target is not None:
+      results[name] = _classical_windows(name, y, z, psf, srf, ratio, target, mesh)
     else:
       results[name] = np.asarray(jax.block_until_ready(
           classical.run_method(name, y, z, psf, srf, ratio)), np.float32)
     seconds[name] = time.perf_counter() - t0
   return MethodResults(results=results, psf=psf, srf=srf, ratio=ratio, blind=blind,
                        seconds=seconds)
+
+
+def _classical_windows(name, y, z, psf, srf, ratio, out, mesh):
+  """A classical method on 128-pixel windows of the scene, written into `out` by strips."""
+  tile = min(-(-128 // ratio) * ratio, min(z.shape[:2]) // ratio * ratio)
+  overlap = min(-(-16 // ratio) * ratio, tile - ratio)
+  grid = tiling.make_grid(z.shape[0], z.shape[1], tile, overlap, multiple=ratio)
+  one = jax.vmap(lambda a, b: classical.run_method(name, a, b, psf, srf, ratio))
+  return tiling.map_tiles(lambda c, starts, y_w, z_w: one(y_w, z_w), grid,
+                          [(y, ratio), (z, 1)], tiles_per_call=8, mesh=mesh,
+                          halo=overlap // 4, out=out)
 
 
 def reference_table(reference: Any, results: dict[str, Any], ratio: int,
@@ -111,8 +130,15 @@ def reference_table(reference: Any, results: dict[str, Any], ratio: int,
 
 def no_reference_table(results: dict[str, Any], y: Any, z: Any, ratio: int
                        ) -> dict[str, dict[str, float]]:
-  """method -> {d_lambda, d_s, qnr} (Alparone et al. 2008)."""
-  return {name: metrics.no_reference_metrics(x, z, y, ratio) for name, x in results.items()}
+  """method -> {d_lambda, d_s, qnr} (Alparone et al. 2008); results on disk
+  (`fileio.BandFile`) are read by strips of rows."""
+  out = {}
+  for name, x in results.items():
+    if isinstance(x, np.ndarray):
+      out[name] = metrics.no_reference_metrics(x, z, y, ratio)
+    else:
+      out[name] = metrics.no_reference_metrics_by_rows(lambda a, b, x=x: x[a:b], z, y, ratio)
+  return out
 
 
 def operator_errors(psf, srf, true_psf, true_srf) -> dict[str, float]:
@@ -145,7 +171,7 @@ def evaluate_cube(cube: Any, *, wavelengths_nm: Any, key: Any = 0, ratio: int = 
                   prior_settings: dict[str, Any] | None = None, steps: int | None = None,
                   methods: Sequence[str] | str = METHODS, workdir: Any = None,
                   mesh: jax.sharding.Mesh | None = None, show_progress: bool = True,
-                  **settings: Any) -> Evaluation:
+                  policy: Any = None, **settings: Any) -> Evaluation:
   """The simulation protocol on a real (H, W, B) cube in any units.
 
   Keys: the simulation noise uses fold_in(key, 0), the prior `key` itself, the solves
@@ -172,7 +198,7 @@ def evaluate_cube(cube: Any, *, wavelengths_nm: Any, key: Any = 0, ratio: int = 
   out = run_methods(y, z, prior=prior, key=jax.random.fold_in(key, 1), methods=methods,
                     psf=np.asarray(wd.psf) if known_operators else None,
                     srf=np.asarray(wd.srf) if known_operators else None, steps=steps,
-                    mesh=mesh, show_progress=show_progress, **settings)
+                    mesh=mesh, show_progress=show_progress, policy=policy, **settings)
   table: dict[str, Any] = reference_table(ref, out.results, out.ratio)
   train_seconds = prior.info["seconds"] if prior is not None else 0.0
   table["seconds"] = {"train": train_seconds, **out.seconds,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import time
 import warnings
 from typing import Any, Callable, ClassVar
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 
 from hsijax import diffusion, progress, sharding
+from hsijax import policy as policy_lib
 from hsijax import settings as settings_lib
 from hsijax.sdp import blind, solver, tiled
 from hsijax.sdp.prior import Prior
@@ -39,8 +41,10 @@ class FusionSettings(settings_lib.Settings):
   X, the output), init ("ones" as the paper, or "upsample"), lr_scale (None = T / steps),
   respacing ("uniform" | "quadratic" choice of the visited timesteps).
   Blind estimation: blind_steps, blind_lr, psf_size (None = 2 ratio - 1).
-  Large scenes: tile (window side in HR pixels, 0 = whole scene), tile_overlap,
-  tiles_per_call (windows per call, sharded over the devices).
+  Large scenes: tile (window side in HR pixels; 0 = the whole scene at once; None = chosen
+  from `memory_gb`, see `plan_windows`), tile_overlap, tiles_per_call (windows per call,
+  sharded over the devices; with tile None also from the budget), memory_gb (host + device
+  memory the solve may use; None = `default_memory_gb()`).
   Baseline without a prior: schedule and num_timesteps of the loop it visits.
   """
   WHAT: ClassVar[str] = "fusion"
@@ -56,9 +60,10 @@ class FusionSettings(settings_lib.Settings):
   blind_steps: int = 5000
   blind_lr: float = 1e-5
   psf_size: int | None = None
-  tile: int = 0
+  tile: int | None = None
   tile_overlap: int = 16
   tiles_per_call: int = 8
+  memory_gb: float | None = None
   schedule: str = "linear"
   num_timesteps: int = 1000
 
@@ -77,8 +82,11 @@ class FusionSettings(settings_lib.Settings):
       raise ValueError(f"blind_steps must be an integer >= 0, got {self.blind_steps}")
     if self.psf_size is not None and (self.psf_size < 1 or self.psf_size % 2 == 0):
       raise ValueError(f"psf_size must be a positive odd integer, got {self.psf_size}")
-    if self.tile < 0:
-      raise ValueError(f"tile must be >= 0 (0 = whole scene), got {self.tile}")
+    if self.tile is not None and self.tile < 0:
+      raise ValueError(f"tile must be >= 0 (0 = whole scene, None = from memory_gb), got "
+                       f"{self.tile}")
+    if self.memory_gb is not None and not self.memory_gb > 0:
+      raise ValueError(f"memory_gb must be > 0, got {self.memory_gb}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +101,7 @@ class Fusion:
     blind: True when PSF and/or SRF were estimated.
     steps: solver timesteps visited.
     seconds: {"blind": ..., "solve": ...} wall seconds (compilation included).
+    windows: {"tile", "overlap", "tiles_per_call"} of the solve (tile 0 = whole scene).
   """
   x: np.ndarray
   psf: np.ndarray
@@ -101,6 +110,7 @@ class Fusion:
   blind: bool
   steps: int
   seconds: dict[str, float] = dataclasses.field(default_factory=dict, compare=False)
+  windows: dict[str, int] = dataclasses.field(default_factory=dict, compare=False)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -139,13 +149,16 @@ def _finite(a: np.ndarray, name: str) -> None:
 
 def check_pair(y: Any, z: Any, *, psf: Any = None, srf: Any = None, ratio: int | None = None,
                psf_size: int | None = None, names: tuple[str, str] = ("y (LR-HSI)",
-                                                                        "z (HR-MSI)")) -> int:
+                                                                        "z (HR-MSI)"),
+               same_units: bool = True) -> int:
   """Checks a fusion problem before any work; returns the ratio.
 
   Refuses (ValueError naming the problem and the fix): non-3-D or non-finite images, sizes
   whose ratio is not an integer, an HSI with fewer than 3 bands or not more bands than the
   MSI, an image with no positive value or no variation at all, a PSF that is not a square
-  odd kernel with a positive sum or is larger than the HR image, an SRF that is not (b, B).
+  odd kernel with a positive sum or is larger than the HR image, an SRF that is not (b, B),
+  and (same_units) two images whose mean levels differ more than tenfold: each HR-MSI band
+  is a weighted average of HSI bands, so in the same units their means are comparable.
   """
   y, z = np.asarray(y), np.asarray(z)
   r = infer_ratio(y.shape, z.shape)
@@ -167,6 +180,14 @@ def check_pair(y: Any, z: Any, *, psf: Any = None, srf: Any = None, ratio: int |
     if float(a.max()) == float(a.min()):
       raise ValueError(f"{name} is constant ({float(a.max()):.4g} everywhere); there is "
                        "nothing to fuse: check the file / key")
+  if same_units:
+    my, mz = float(np.mean(np.maximum(y, 0))), float(np.mean(np.maximum(z, 0)))
+    if not 0.1 <= mz / my <= 10.0:
+      raise ValueError(
+          f"{names[1]} averages {mz:.4g} and {names[0]} {my:.4g} ({mz / my:.3g} times): the "
+          "two images seem to be in different units (e.g. reflectance and raw counts). "
+          "Convert them to the same units, or scale each by its own maximum (scale_pair(y, "
+          "z, 'separate'); --config.data.scale=separate)")
   H, W = z.shape[:2]
   k = 2 * r - 1 if psf_size is None else int(psf_size)
   if psf is not None:
@@ -201,7 +222,7 @@ def check_pair(y: Any, z: Any, *, psf: Any = None, srf: Any = None, ratio: int |
 @functools.lru_cache(maxsize=32)
 def _cached_solver(model, schedule_key: tuple[str, int, int, str], ratio: int,
                    solver_kwargs: tuple[tuple[str, Any], ...], tiling: tuple[int, int, int],
-                   mesh) -> Callable[..., Any]:
+                   mesh, policy: policy_lib.Policy) -> Callable[..., Any]:
   """The jitted solve for these ingredients (built once; the compiled program is reused)."""
   name, T, n, respacing = schedule_key
   schedule = diffusion.make_respaced_schedule(name, T, n, respacing)
@@ -209,17 +230,66 @@ def _cached_solver(model, schedule_key: tuple[str, int, int, str], ratio: int,
   tile, overlap, per_call = tiling
   if tile > 0:
     return tiled.make_tiled_solver(model, schedule, ratio=ratio, tile=tile, overlap=overlap,
-                                   tiles_per_call=per_call, mesh=mesh, **kwargs)
-  return solver.make_solver(model, schedule, ratio=ratio, **kwargs)
+                                   tiles_per_call=per_call, mesh=mesh, policy=policy,
+                                   **kwargs)
+  return solver.make_solver(model, schedule, ratio=ratio, mesh=mesh, policy=policy, **kwargs)
+
+
+def default_memory_gb() -> float:
+  """The memory a solve may use by default: an eighth of this machine's RAM, at most 2 GB
+  (so a scene of any size stays well inside a laptop's or a shared node's memory)."""
+  try:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  except (ValueError, OSError, AttributeError):
+    total = 16.0
+  return float(min(2.0, total / 8))
+
+
+def solve_bytes(pixels: int, num_bands: int, msi_bands: int, hidden: int = 512,
+                chunk: int = 512) -> int:
+  """Working memory of one Algorithm-1 solve over `pixels` HR pixels (float32): X, its Adam
+  moments, EMA, the noise, the gradient and the data terms' temporaries (~9 B floats per
+  pixel), plus the prior's activations for one block of `chunk` pixels."""
+  return int(4 * (pixels * (9 * num_bands + 3 * msi_bands) + chunk * 4 * 3 * hidden))
+
+
+def plan_windows(shape: tuple[int, int, int], msi_bands: int, ratio: int,
+                 settings: FusionSettings, *, hidden: int = 512, devices: int = 1,
+                 methods: int = 1) -> tuple[int, int, int]:
+  """(tile, overlap, tiles_per_call) for a scene (H, W, B) under settings.memory_gb.
+
+  tile 0 (the whole scene at once) when its solve and the `methods` outputs fit the
+  budget; else 128-pixel windows (a multiple of the ratio) overlapping by the settings'
+  overlap (rounded up to the ratio), as many per call as fit (a multiple of `devices`),
+  written out strip by strip. Explicit settings (tile not None) are returned as given.
+  """
+  H, W, B = shape
+  if settings.tile is not None:
+    return int(settings.tile), int(settings.tile_overlap), int(settings.tiles_per_call)
+  budget = (settings.memory_gb or default_memory_gb()) * 2**30
+  whole = solve_bytes(H * W, B, msi_bands, hidden) + methods * 4 * H * W * B
+  if whole <= budget:
+    return 0, int(settings.tile_overlap), int(settings.tiles_per_call)
+  step = -(-128 // ratio) * ratio
+  tile = min(step, min(H, W) // ratio * ratio)
+  overlap = min(-(-int(settings.tile_overlap) // ratio) * ratio, tile - ratio)
+  per_window = solve_bytes(tile * tile, B, msi_bands, hidden)
+  strips = methods * 4 * 2 * tile * W * B
+  fit = max(int((budget - strips) // per_window), 1)
+  per_call = max(devices, fit // devices * devices)
+  return tile, max(overlap, 0), per_call
 
 
 def solver_for(prior: Prior | None, *, ratio: int, steps: int | None,
-               settings: FusionSettings, mesh: jax.sharding.Mesh | None = None
+               settings: FusionSettings, mesh: jax.sharding.Mesh | None = None,
+               policy: policy_lib.Policy | None = None, lr_rows: int | None = None
                ) -> tuple[Callable[..., Any], int]:
   """(the jitted solve `fuse` runs for these ingredients, its number of timesteps).
 
-  Built once per (model, schedule, steps, solver and tiling settings, mesh) and cached, so
-  repeated fusions of same-shaped images reuse the compiled program.
+  Built once per (model, schedule, steps, solver and tiling settings, mesh, policy) and
+  cached, so repeated fusions of same-shaped images reuse the compiled program. Untiled
+  solves shard the rows over the local devices when `lr_rows` (the LR-HSI's height)
+  splits evenly over them (policy.shard_pixels).
   """
   s = settings
   name, T = (prior.schedule_name, prior.num_timesteps) if prior else (s.schedule,
@@ -231,15 +301,22 @@ def solver_for(prior: Prior | None, *, ratio: int, steps: int | None,
   kwargs = (("lam", float(s.lam)), ("gam", gam), ("lr", float(s.lr)), ("K", int(s.K)),
             ("weight_decay", float(s.weight_decay)), ("ema_decay", float(s.ema_decay)),
             ("init", s.init), ("lr_scale", None if s.lr_scale is None else float(s.lr_scale)))
-  tile = int(s.tile)
+  tile = int(s.tile or 0)
+  policy = policy_lib.resolve(policy)
   if tile > 0:
     tiled.check_tiling(tile, int(s.tile_overlap), ratio, int(s.tiles_per_call))
     mesh = sharding.make_mesh() if mesh is None else mesh
+  elif policy.shard_pixels and jax.process_count() == 1:
+    # Rows of the scene over the local devices, when they split evenly (else one device).
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    n_data = mesh.shape[sharding.DATA_AXIS]
+    if lr_rows is None or lr_rows % n_data:
+      mesh = None
   else:
     mesh = None
   solve = _cached_solver(prior.model if prior else None, (name, int(T), n, s.respacing),
                          int(ratio), kwargs, (tile, int(s.tile_overlap),
-                                              int(s.tiles_per_call)), mesh)
+                                              int(s.tiles_per_call)), mesh, policy)
   return solve, n
 
 
@@ -254,6 +331,7 @@ def estimate_operators(y: Any, z: Any, ratio: int, *, steps: int, lr: float,
 def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | None = None,
          psf: Any = None, srf: Any = None, steps: int | None = None,
          mesh: jax.sharding.Mesh | None = None, show_progress: bool = True,
+         policy: policy_lib.Policy | None = None, out: Any = None,
          **settings: Any) -> Fusion:
   """Fuses an LR-HSI with an HR-MSI by SDP (with a prior) or the Baseline (prior=None).
 
@@ -269,12 +347,18 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
     srf: (b, B) known SRF, or None to estimate it blindly (with the PSF).
     steps: solver timesteps (respaced from the prior's T); None = all T (the paper).
       100 is a good fast choice (see configs/sdp.py budgets).
-    mesh: devices for tiled solves (default: all).
+    mesh: devices (default: all local ones): tiled solves shard windows over them,
+      untiled ones the rows of the scene (when they split evenly).
     show_progress: False hides the progress output.
-    **settings: `FusionSettings` fields (lam, gam, lr, K, init, tile, blind_steps, ...).
+    policy: platform choices (hsijax.policy; None = the running backend's).
+    out: an (H, W, B) float32 array to write X into (e.g. `np.lib.format.open_memmap` on
+      disk): a windowed solve then writes it strip by strip and host memory stays bounded
+      by the windows, whatever the scene size. None = a new array.
+    **settings: `FusionSettings` fields (lam, gam, lr, K, init, tile, memory_gb,
+      blind_steps, ...). tile None chooses whole-scene or windowed solving from memory_gb.
 
   Returns:
-    Fusion(x, psf, srf, ratio, blind, steps, seconds).
+    Fusion(x, psf, srf, ratio, blind, steps, seconds, windows).
   """
   s = FusionSettings.from_kwargs(**settings)
   y, z = np.asarray(y, np.float32), np.asarray(z, np.float32)
@@ -293,8 +377,13 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
   if prior is not None and prior.num_bands != y.shape[-1]:
     raise ValueError(f"the prior was trained on {prior.num_bands} bands but y has "
                      f"{y.shape[-1]}; train the prior on spectra of this sensor")
-  solve, n = solver_for(prior, ratio=r, steps=steps, settings=s, mesh=mesh)
-  tile = int(s.tile)
+  devices = (sharding.make_mesh() if mesh is None else mesh).shape[sharding.DATA_AXIS]
+  tile, overlap, per_call = plan_windows(z.shape[:2] + y.shape[-1:], z.shape[-1], r, s,
+                                         hidden=prior.model.hidden if prior else 16,
+                                         devices=devices)
+  s = dataclasses.replace(s, tile=tile, tile_overlap=overlap, tiles_per_call=per_call)
+  solve, n = solver_for(prior, ratio=r, steps=steps, settings=s, mesh=mesh, policy=policy,
+                        lr_rows=y.shape[0])
   seconds: dict[str, float] = {}
   is_blind = psf is None or srf is None
   if is_blind:
@@ -313,13 +402,22 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
   desc = "SDP solve" if prior is not None else "Baseline solve"
   with contextlib.nullcontext() if show_progress else progress.silenced():
     if tile > 0:  # the tiled solver opens one bar per chunk of windows itself
-      x = solve(params, y, z, psf, srf, key)
+      x = solve(params, y, z, psf, srf, key, out=out)
     else:
       with progress.bar(n, desc=desc):
-        x = jax.block_until_ready(solve(params, y, z, psf, srf, key))
+        x = np.asarray(jax.block_until_ready(solve(params, y, z, psf, srf, key)), np.float32)
+      if out is not None:
+        out[...] = x
+        x = out
+  if unit != 1.0 and out is not None:
+    for a in range(0, out.shape[0], 64):  # by rows: `out` may be a file (fileio.BandFile)
+      out[a:a + 64] = np.asarray(out[a:a + 64]) * np.float32(unit)
+  elif unit != 1.0:
+    x = np.asarray(x, np.float32) * np.float32(unit)
   seconds["solve"] = time.perf_counter() - t0
-  return Fusion(x=np.asarray(x, np.float32) * np.float32(unit), psf=psf, srf=srf, ratio=r,
-                blind=is_blind, steps=n, seconds=seconds)
+  return Fusion(x=x if out is not None else np.asarray(x, np.float32), psf=psf, srf=srf,
+                ratio=r, blind=is_blind, steps=n, seconds=seconds,
+                windows={"tile": tile, "overlap": overlap, "tiles_per_call": per_call})
 
 
 def scale_pair(y: Any, z: Any, mode: str = "joint") -> tuple[np.ndarray, np.ndarray,
@@ -339,6 +437,10 @@ def scale_pair(y: Any, z: Any, mode: str = "joint") -> tuple[np.ndarray, np.ndar
   elif mode == "separate":
     s_y, s_z = float(y.max()), float(z.max())
   elif mode == "none":
+    if max(float(y.max()), float(z.max())) > 1.5:
+      raise ValueError(f"scale 'none' expects images in [0, 1], but they reach "
+                       f"{max(float(y.max()), float(z.max())):.4g}; use 'joint' (the default: "
+                       "one common maximum) or 'separate' (--config.data.scale=joint)")
     s_y = s_z = 1.0
   else:
     raise ValueError(f"unknown scale mode {mode!r}; use joint, separate or none")
@@ -346,3 +448,43 @@ def scale_pair(y: Any, z: Any, mode: str = "joint") -> tuple[np.ndarray, np.ndar
     raise ValueError("an input image has no positive value (all zeros or negative); check "
                      "the LR-HSI and HR-MSI files / keys")
   return y / s_y, z / s_z, {"hsi": s_y, "msi": s_z, "clipped": clipped}
+
+
+def fill_invalid(a: Any, valid: Any) -> np.ndarray:
+  """(h, w, C) image with its invalid pixels (valid (h, w) False) set to each band's median
+  over the valid ones, so the solve can run over them (they are marked in the output)."""
+  a = np.array(a, np.float32)
+  valid = np.asarray(valid, bool)
+  if not valid.any():
+    raise ValueError("every pixel of the image is missing (no-data); check the file")
+  a[~valid] = np.median(a[valid], axis=0)
+  return a
+
+
+def fused_valid(y_valid: Any, z_valid: Any, ratio: int) -> np.ndarray | None:
+  """(H, W) pixels of the fused image backed by data: valid in the HR-MSI and under a valid
+  LR-HSI pixel (None when both masks are None)."""
+  if y_valid is None and z_valid is None:
+    return None
+  out = None if z_valid is None else np.asarray(z_valid, bool)
+  if y_valid is not None:
+    up = np.repeat(np.repeat(np.asarray(y_valid, bool), ratio, 0), ratio, 1)
+    out = up if out is None else out & up
+  return out
+
+
+def finish_output(x: Any, scale: float = 1.0, valid: Any = None) -> Any:
+  """X in the inputs' units (times `scale`) with pixels without data (valid False) set to
+  NaN: a new array, or in place by rows for an on-disk `fileio.BandFile`."""
+  valid = None if valid is None else np.asarray(valid, bool)
+
+  def fix(rows, a):
+    rows = np.asarray(rows, np.float32) * np.float32(scale)
+    if valid is not None:
+      rows = np.where(valid[a:a + rows.shape[0], :, None], rows, np.nan)
+    return rows
+  if isinstance(x, np.ndarray):
+    return fix(x, 0)
+  for a in range(0, x.shape[0], 64):
+    x[a:a + 64] = fix(x[a:a + 64], a)
+  return x

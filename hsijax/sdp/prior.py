@@ -138,7 +138,7 @@ def check_workdir(workdir: str | pathlib.Path, fingerprint: dict[str, Any]) -> N
 def train_prior(pixels: np.ndarray, *, steps: int, key: Any,
                 workdir: str | pathlib.Path | None = None,
                 mesh: jax.sharding.Mesh | None = None, show_progress: bool = True,
-                **settings: Any) -> Prior:
+                policy: Any = None, **settings: Any) -> Prior:
   """Trains the per-pixel spectral diffusion model on clean spectra.
 
   Args:
@@ -150,6 +150,8 @@ def train_prior(pixels: np.ndarray, *, steps: int, key: Any,
       memory only.
     mesh: device mesh with a "data" axis (default: all devices); batches are sharded on it.
     show_progress: False silences the progress output.
+    policy: platform choices (steps per dispatch, donation; hsijax.policy), None = the
+      running backend's.
     **settings: `PriorSettings` fields (hidden, num_layers, time_dim, dropout, precision,
       schedule, num_timesteps, batch, lr, weight_decay, ema, decay_steps,
       checkpoint_every, log_every).
@@ -182,7 +184,7 @@ def train_prior(pixels: np.ndarray, *, steps: int, key: Any,
     check_workdir(workdir, fp)
     fileio.write_json(workdir / PRIOR_FILE, fp | {"steps": int(steps)})
   state, history = train_lib.fit(pixels, steps=steps, key=key, settings=s, workdir=workdir,
-                                 mesh=mesh, show_progress=show_progress)
+                                 mesh=mesh, show_progress=show_progress, policy=policy)
   info = {"steps": int(np.asarray(state.step)),
           "final_loss": float(history["loss"][-1]) if history.get("loss") else None,
           "history": history, "seconds": time.perf_counter() - t0,
@@ -196,7 +198,8 @@ def load_prior(workdir: str | pathlib.Path, step: int | None = None) -> Prior:
 
   Args:
     workdir: the folder given to train_prior (holds prior.json and checkpoints/).
-    step: which checkpoint (default: the newest).
+    step: which checkpoint (default: the newest intact one; a damaged newer one is set
+      aside with a warning).
   """
   workdir = pathlib.Path(workdir)
   record = _read_json(workdir / PRIOR_FILE)
@@ -212,8 +215,7 @@ def load_prior(workdir: str | pathlib.Path, step: int | None = None) -> Prior:
     if not ckpt.all_steps():
       raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint; train the "
                               "prior first")
-    step = ckpt.latest_step() if step is None else int(step)
-    part = ckpt.restore_part({"ema_params": abstract}, step=step)
+    step, part = ckpt.restore_part({"ema_params": abstract}, step=step)
   return Prior(model=model, params=part["ema_params"], schedule_name=s.schedule,
                num_timesteps=int(s.num_timesteps),
                info={"steps": step, "workdir": str(workdir)})

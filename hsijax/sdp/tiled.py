@@ -68,7 +68,7 @@ def check_tiling(tile: int, overlap: int, ratio: int, tiles_per_call: int,
 def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, ratio: int,
                       tile: int, overlap: int, tiles_per_call: int = 8,
                       halo: int | None = None, mesh: jax.sharding.Mesh | None = None,
-                      desc: str = "SDP tiles", **solver_kwargs: Any
+                      desc: str = "SDP tiles", policy: Any = None, **solver_kwargs: Any
                       ) -> Callable[..., np.ndarray]:
   """Builds the tiled, sharded SDP solve.
 
@@ -86,8 +86,9 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
       `solver.make_solver` (noise is always "position").
 
   Returns:
-    solve(params, y (h, w, B), z (H, W, b), psf (k, k), srf (b, B), key) -> X (H, W, B)
-    NumPy float32 on every process. The same key is used for every window.
+    solve(params, y (h, w, B), z (H, W, b), psf (k, k), srf (b, B), key, out=None) -> X
+    (H, W, B) NumPy float32 on every process (written into `out`, strip by strip, when
+    given, e.g. a memory map). The same key is used for every window.
   """
   ratio = int(ratio)
   halo = check_tiling(tile, overlap, ratio, tiles_per_call, halo)
@@ -96,11 +97,11 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
   mesh = sharding.make_mesh() if mesh is None else mesh
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   solve_one = solver_lib.make_solver(model, schedule, ratio=ratio, noise="position",
-                                     **solver_kwargs)
+                                     policy=policy, **solver_kwargs)
   batched = jax.jit(jax.vmap(solve_one, in_axes=(None, 0, 0, None, None, None, 0)),
                     in_shardings=(rep, data, data, rep, rep, rep, data), out_shardings=data)
 
-  def solve(params, y, z, psf, srf, key) -> np.ndarray:
+  def solve(params, y, z, psf, srf, key, out=None) -> np.ndarray:
     y = np.asarray(y, np.float32)
     z = np.asarray(z, np.float32)
     if y.ndim != 3 or z.ndim != 3:
@@ -111,8 +112,12 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
                        f"{ratio}; the HR-MSI must be exactly ratio times the LR-HSI")
     if tile >= max(H, W):  # one window: the untiled solve
       with progress.bar(schedule.num_steps, desc=desc):
-        out = solve_one(params, y, z, psf, srf, key, jnp.zeros(2, jnp.int32))
-        return np.asarray(jax.device_get(out))
+        x = np.asarray(jax.device_get(solve_one(params, y, z, psf, srf, key,
+                                                jnp.zeros(2, jnp.int32))))
+      if out is None:
+        return x
+      out[...] = x
+      return out
     grid = tiling.make_grid(H, W, tile, overlap, multiple=ratio)
     p = jax.device_put(params, rep)
     psf_d, srf_d = (jax.device_put(jnp.asarray(a, jnp.float32), rep) for a in (psf, srf))
@@ -120,7 +125,7 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
     return tiling.map_tiles(
         lambda _, starts, y_w, z_w: batched(p, y_w, z_w, psf_d, srf_d, key_d, starts),
         grid, [(y, ratio), (z, 1)], tiles_per_call=tiles_per_call, mesh=mesh, halo=halo,
-        desc=desc, steps_per_call=schedule.num_steps)
+        desc=desc, steps_per_call=schedule.num_steps, out=out)
 
   return solve
 
