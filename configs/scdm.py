@@ -142,6 +142,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""        # training cube FILE[:KEY], (H, W, N) original units
+  # A TFDS dataset built by `python -m launch.build_dataset` (array_record, no TensorFlow):
+  # NAME[:SPLIT] read through grain, instead of data.path, for training.
+  c.data.tfds = ""
+  c.data.tfds_dir = ""
   c.data.key = ""         # array name when data.path has no ":KEY" ("" = auto)
   c.data.num_bands = 48   # N; checked against the data
   c.data.rgb = ""         # sampling input FILE[:KEY], (H, W, 3); "" = RGB bands of the cube

@@ -149,7 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.solver.tile = config_dict.placeholder(int)
   c.solver.tile_overlap = 16
   c.solver.tiles_per_call = 8
-  # Memory (GB) a solve may use; None = an eighth of the machine's RAM, at most 2 GB.
+  # Memory (GB) a solve may use; None = a sixteenth of the machine's RAM, at most 1 GB.
   c.memory_gb = config_dict.placeholder(float)
 
   c.blind = ml_collections.ConfigDict()
@@ -159,6 +159,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""        # evaluate_sdp / train_sdm: one cube file (.npz / .mat / .h5 / .tif)
+  # A TFDS dataset built by `python -m launch.build_dataset` (array_record, no TensorFlow):
+  # NAME[:SPLIT] read through grain, instead of data.path, for training.
+  c.data.tfds = ""
+  c.data.tfds_dir = ""
   c.data.key = ""         # array name inside it ("" = the only / usual one)
   c.data.hsi = ""         # fuse: LR-HSI FILE[:KEY], (h, w, B)
   c.data.msi = ""         # fuse: HR-MSI FILE[:KEY], (H, W, b)

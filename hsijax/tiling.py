@@ -200,8 +200,9 @@ def map_tiles(fn: Callable[..., jax.Array], grid: TileGrid,
     tiles_per_call: windows per call.
     mesh: mesh with a `data` axis (default: all devices).
     halo: blend halo (see `blend_weights`).
-    desc: progress label (None: no bar); each call opens a bar of `steps_per_call` steps
-      that jitted code inside fn advances with `progress.tick`.
+    desc: progress label (None: no progress): a bar (or log lines) counting the windows
+      done; in a terminal each call also shows a bar of `steps_per_call` steps that jitted
+      code inside fn advances with `progress.tick`.
     out: where to write the (H, W, C) result (e.g. `np.lib.format.open_memmap`), strip by
       strip, so host memory holds two windows' height of rows, not the scene; None = a new
       array.
@@ -230,15 +231,19 @@ def map_tiles(fn: Callable[..., jax.Array], grid: TileGrid,
     top += k
 
   calls = list(chunks(n, tiles_per_call, mesh.shape[sharding.DATA_AXIS]))
+  windows_bar = progress.host_bar(total=n, desc=desc, unit="window") if desc else None
   for c, (idx, n_real) in enumerate(calls):
     starts = grid.starts[idx]
     windows = [np.stack([np.asarray(img[r // s:(r + t) // s, col // s:(col + t) // s],
                                     np.float32) for r, col in starts]) for img, s in inputs]
     args = [sharding.put_global(w, data) for w in windows]
-    label = None if desc is None else f"{desc} {idx[0] + 1}-{idx[0] + n_real}/{n}"
-    with progress.bar(steps_per_call, desc=label) if label else contextlib.nullcontext():
+    # Inside a call, jitted loops tick an (unshown) step bar; the windows bar counts calls.
+    with progress.bar(steps_per_call, desc="") if desc and progress.mode() == "bar" \
+        else contextlib.nullcontext():
       result = sharding.to_host(fn(c, sharding.put_global(starts.astype(np.int32), data),
                                    *args))
+    if windows_bar is not None:
+      windows_bar.update(n_real)
     if acc is None:
       out = np.zeros((H, W, result.shape[-1]), np.float32) if out is None else out
       acc = np.zeros((rows, W, result.shape[-1]), np.float32)
@@ -250,4 +255,6 @@ def map_tiles(fn: Callable[..., jax.Array], grid: TileGrid,
       acc[r - top:r - top + t, col:col + t] += tile_out * w[..., None]
       norm[r - top:r - top + t, col:col + t, 0] += w
   flush(H)
+  if windows_bar is not None:
+    windows_bar.close()
   return out

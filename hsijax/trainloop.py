@@ -79,6 +79,29 @@ def multi_step(one_step: Callable[[Any], tuple[Any, jax.Array]]
   return run_steps
 
 
+def host_multi_step(one_step: Callable[[Any, Any], tuple[Any, jax.Array]]
+                    ) -> Callable[[Any, Any], tuple[Any, jax.Array]]:
+  """(state, batches stacked on a leading step axis) -> (state after them, last loss): the
+  steps of one dispatch when the batches come from a host pipeline (one lax.scan)."""
+  def run_steps(state, batches):
+    state, losses = jax.lax.scan(one_step, state, batches)
+    return state, losses[-1]
+  return run_steps
+
+
+def host_batches(batch_fn: Callable[[int], Any], mesh: jax.sharding.Mesh,
+                 count: int, start: int) -> Any:
+  """Batches of steps start .. start + count - 1 from a host pipeline, stacked (count, ...)
+  and placed with the batch axis (1) split over the mesh's "data" axis; on several
+  processes each passes its own slice of every step's batch."""
+  from hsijax import sharding  # pylint: disable=g-import-not-at-top
+  stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs),
+                                   *[batch_fn(s) for s in range(start, start + count)])
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
+  return jax.tree_util.tree_map(
+      lambda a: jax.make_array_from_process_local_data(spec, np.asarray(a)), stacked)
+
+
 def _next_stop(step: int, num_steps: int, every: Sequence[int], per_call: int) -> int:
   """End of the chunk that starts at `step`: per_call steps, cut at multiples of `every`."""
   stop = min(num_steps, step + per_call)

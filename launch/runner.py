@@ -51,6 +51,8 @@ def run_main(run_fn: Callable[[Any, Any], Any], default_config: str, default_wor
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     f = flags.FLAGS
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.WARNING)  # no INFO lines from backend probing
     path, created = None, False
     try:
       sharding.initialize_distributed(coordinator_address=f.coordinator_address,

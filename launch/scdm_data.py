@@ -65,3 +65,20 @@ def sampling_inputs(cfg, num_bands: int, rgb_bands) -> tuple[np.ndarray, Any, st
     raise ValueError(f"--config.data.reference {reference.shape[:2]} and the RGB input "
                      f"{rgb.shape[:2]} differ in size; pass co-registered images")
   return np.asarray(rgb, np.float32), reference, source
+
+
+def tfds_source(cfg):
+  """The random-access source of --config.data.tfds=NAME[:SPLIT] in --config.data.tfds_dir."""
+  from hsijax import datasets  # pylint: disable=g-import-not-at-top
+  if not cfg.data.tfds_dir:
+    raise ValueError("--config.data.tfds needs --config.data.tfds_dir=DIR (the --data_dir "
+                     "given to python -m launch.build_dataset)")
+  name = cfg.data.tfds if ":" in cfg.data.tfds else f"{cfg.data.tfds}:train"
+  with common.naming("--config.data.tfds", cfg.data.tfds):
+    return datasets.open_source(name, cfg.data.tfds_dir)
+
+
+def tfds_sample(source, num: int, seed: int) -> np.ndarray:
+  """Up to `num` random pixels (n, B) of the dataset (statistics, fingerprint, band count)."""
+  from hsijax import datasets  # pylint: disable=g-import-not-at-top
+  return np.asarray(datasets.sample_pixels(source, num, seed), np.float32)

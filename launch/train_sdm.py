@@ -33,7 +33,21 @@ from configs import common as config_common
 from configs import sdp as sdp_config
 from hsijax import degrade, progress, sharding
 from hsijax import sdp
-from launch import common, runner, scenes
+from launch import common, runner, scdm_data, scenes
+
+
+def tfds_pixels(cfg):
+  """(a pixel sample (n, B) in [0, 1], batches(step) -> (batch, B), description) of a TFDS
+  dataset read through grain; pixels are divided by the sample's maximum."""
+  from hsijax import datasets  # pylint: disable=g-import-not-at-top
+  source = scdm_data.tfds_source(cfg)
+  sample = scdm_data.tfds_sample(source, 65536, int(cfg.seed))
+  peak = float(sample.max()) if sample.size and sample.max() > 0 else 1.0
+  raw = datasets.prior_pixel_batches(source, batch=int(cfg.train.batch), seed=int(cfg.seed),
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+  batches = lambda step: np.clip(np.asarray(raw(step), np.float32) / peak, 0.0, 1.0)
+  return np.clip(sample / peak, 0, 1), batches, f"TFDS {cfg.data.tfds} (scaled by 1/{peak:g})"
 
 
 def training_pixels(cfg) -> tuple[np.ndarray, str]:
@@ -55,11 +69,15 @@ def run(config, workdir: str) -> dict:
   workdir = common.setup(workdir)
   cfg = sdp_config.resolve(config)
   t0 = time.perf_counter()
-  pixels, source = training_pixels(cfg)
+  batches = None
+  if cfg.data.tfds:
+    pixels, batches, source = tfds_pixels(cfg)
+  else:
+    pixels, source = training_pixels(cfg)
   common.log(f"training on {source}; {cfg.train.steps} steps")
   prior = sdp.train_prior(pixels, steps=cfg.train.steps, key=cfg.seed, workdir=workdir,
                           mesh=sharding.make_mesh(cfg.mesh), policy=config_common.policy(cfg),
-                          **sdp_config.prior_settings(cfg))
+                          batches=batches, **sdp_config.prior_settings(cfg))
   num = int(min(cfg.train.fid_samples, max(pixels.shape[0], 2 * pixels.shape[-1] + 2)))
   with progress.bar(prior.num_timesteps, desc="FID sampling"):
     fid = sdp.evaluate_fid(prior.model, prior.params, prior.schedule(), pixels,

@@ -20,7 +20,7 @@ import functools
 import json
 import pathlib
 import time
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import numpy as np
@@ -157,7 +157,7 @@ def _write_or_check(workdir: pathlib.Path, cascade: Cascade, training: dict[str,
 # ----------------------------------------------------------------------------- training
 
 
-def _check_images(cascade: Cascade, images: Any, crop: int) -> np.ndarray:
+def _check_images(cascade: Cascade, images: Any, crop: int | None) -> np.ndarray:
   images = np.asarray(images, np.float32)
   if images.ndim == 3:
     images = images[None]
@@ -168,6 +168,8 @@ def _check_images(cascade: Cascade, images: Any, crop: int) -> np.ndarray:
     raise ValueError("the training cube has NaN/inf values; fill or drop them first")
   factor = cascade.unet.factor
   h, w = images.shape[1:3]
+  if crop is None:  # crops come from a host pipeline; the images are a sample
+    return images
   if crop % factor:
     raise ValueError(f"crop = {crop} is not a multiple of {factor}, the U-Net's downsampling "
                      f"factor (2 ** (levels - 1)); use e.g. crop={max(factor, crop // factor * factor)}")
@@ -180,9 +182,11 @@ def _check_images(cascade: Cascade, images: Any, crop: int) -> np.ndarray:
 def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int, key: Any,
                 settings: StageTrainSettings = StageTrainSettings(),
                 workdir: str | pathlib.Path | None = None,
-                mesh: jax.sharding.Mesh | None = None, policy: Any = None
-                ) -> tuple[Any, dict[str, Any]]:
-  """Trains (or resumes) stage k on normalised cubes (M, H, W, N) up to `steps`.
+                mesh: jax.sharding.Mesh | None = None, policy: Any = None,
+                batches: Callable[[int], dict] | None = None) -> tuple[Any, dict[str, Any]]:
+  """Trains (or resumes) stage k on normalised cubes (M, H, W, N) up to `steps`, or on
+  `batches(step)` -> {"cube": (n, crop, crop, N)} crops in original units from a host
+  pipeline (then images_norm only gives the band count).
 
   Returns (EMA params, info {"final_loss", "steps", "seconds", "num_bands", "num_params",
   "history"}).
@@ -197,6 +201,11 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
                      "multiple of the device count)")
   out, _ = cascade.stage_channels(k)
   x, cond = cascade.stage_pairs(images_norm, k)
+  stage_batches = None
+  if batches is not None:
+    def stage_batches(step):
+      x_b, c_b = cascade.stage_pairs(cascade.encode(batches(step)["cube"]), k)
+      return {"x": x_b, "cond": c_b}
   state, history = train_lib.fit(
       cascade.stage_model(k, policy), x, cond,
       schedule=diffusion.make_schedule(cascade.schedule, cascade.num_timesteps),
@@ -207,7 +216,8 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
       checkpoint_every=int(s.checkpoint_every), max_to_keep=int(s.max_to_keep), mesh=mesh,
       log_every=int(s.log_every), desc=f"stage {k} ({out} bands)",
       prediction=cascade.prediction,
-      lr_decay_steps=int(steps) if s.lr_schedule == "cosine" else 0, policy=policy)
+      lr_decay_steps=int(steps) if s.lr_schedule == "cosine" else 0, policy=policy,
+      batches=stage_batches)
   info = {"final_loss": history["loss"][-1] if history["loss"] else None,
           "steps": int(np.asarray(state.step)), "seconds": time.perf_counter() - t0,
           "num_bands": out, "num_params": int(sum(np.size(p) for p in
@@ -219,7 +229,7 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
 def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
           workdir: str | pathlib.Path | None = None, stages: Sequence[int] | None = None,
           mesh: jax.sharding.Mesh | None = None, policy: Any = None,
-          **settings: Any) -> Cascade:
+          batches: Callable[[int], dict] | None = None, **settings: Any) -> Cascade:
   """Trains the cascade's stages on cubes in original units.
 
   Args:
@@ -231,6 +241,10 @@ def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
     stages: which stages to train (default all); others are loaded from workdir if there.
     mesh: devices (default all); batches are sharded over "data".
     policy: platform choices (hsijax.policy; None = the running backend's).
+    batches: instead of cropping `images`, batches(step) -> {"cube": (n, crop, crop, N)}
+      crops in original units from a host pipeline (`hsijax.datasets.scdm_crop_batches`
+      over a TFDS dataset larger than memory); `images` (a sample of the data) then only
+      gives the band count and the data digest.
     **settings: `StageTrainSettings` fields (batch, crop, lr, lr_schedule, ema_decay, ...).
 
   Returns:
@@ -238,7 +252,10 @@ def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
     and `info` {"stage<k>": {...}} of the stages trained now.
   """
   s = StageTrainSettings.from_kwargs(**settings)
-  images = _check_images(cascade, images, int(s.crop))
+  images = _check_images(cascade, images, None if batches is not None else int(s.crop))
+  if batches is not None and s.crop % cascade.unet.factor:
+    raise ValueError(f"crop = {s.crop} is not a multiple of {cascade.unet.factor}, the U-Net's "
+                     "downsampling factor")
   stages = list(range(cascade.num_stages)) if stages is None else [int(k) for k in stages]
   bad = [k for k in stages if not 0 <= k < cascade.num_stages]
   if bad:
@@ -258,7 +275,8 @@ def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
   for k in stages:
     params[k], info[f"stage{k}"] = train_stage(cascade, images_norm, k, steps=steps,
                                                key=jax.random.fold_in(key, k), settings=s,
-                                               workdir=workdir, mesh=mesh, policy=policy)
+                                               workdir=workdir, mesh=mesh, policy=policy,
+                                               batches=batches)
   missing = [k for k in range(cascade.num_stages) if k not in params]
   if missing and workdir is not None and all(_has_checkpoint(workdir, k) for k in missing):
     loaded = load(workdir)

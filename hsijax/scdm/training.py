@@ -22,7 +22,7 @@ Keys: the step key is split into (t, eps, condition drop, dropout) in that order
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -263,7 +263,8 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
         checkpoint_every: int = 1000, max_to_keep: int = 3, mesh: Any = None,
         log_every: int = 100, desc: str = "SCDM stage",
         prediction: str = "eps", lr_decay_steps: int = 0,
-        policy: policy_lib.Policy | None = None) -> tuple[TrainState, dict]:
+        policy: policy_lib.Policy | None = None,
+        batches: Callable[[int], dict] | None = None) -> tuple[TrainState, dict]:
   """Trains one stage with hsijax.trainloop.run; resumes from workdir/checkpoints.
 
   The images live on the devices (replicated) and every step crops its batch there
@@ -288,6 +289,11 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
     prediction: network target, "eps" (paper) or "v".
     lr_decay_steps: > 0 decays the learning rate (cosine, to 1%) over that many steps.
     policy: platform choices (steps per dispatch, donation); None = the backend's.
+    batches: instead of cropping x_images / cond_images on the device, batches(step) ->
+      {"x": (n, crop, crop, C), "cond": (n, crop, crop, C_cond)}, this process's part of
+      the step's batch from a host pipeline (e.g. `hsijax.datasets.scdm_crop_batches` over
+      a TFDS dataset); a pure function of the step, so a resumed run reads the same
+      batches. x_images / cond_images then only give the channel counts.
 
   Returns:
     (final TrainState, history {"step": [...], "loss": [...]}).
@@ -297,7 +303,7 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
     raise ValueError(f"x_images have {x_images.shape[-1]} bands but the model makes "
                      f"{model.out_channels}; build CondUNet(out_channels="
                      f"{x_images.shape[-1]})")
-  if not 1 <= crop_size <= min(x_images.shape[1:3]):
+  if batches is None and not 1 <= crop_size <= min(x_images.shape[1:3]):
     raise ValueError(f"crop size {crop_size} does not fit images of "
                      f"{x_images.shape[1]} x {x_images.shape[2]}")
   policy = policy_lib.resolve(policy)
@@ -322,19 +328,28 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
       return state, metrics["loss"]
     return trainloop.multi_step(one)(state, count)
 
-  run = jax.jit(run, in_shardings=(rep,) * 5, out_shardings=(rep, rep),
-                donate_argnums=(0,) if policy.donate else ())
-  images = {"x": sharding.put_global(x_images, rep),
-            "cond": sharding.put_global(cond_images, rep)}
   keys = sharding.replicate([step_key, crop_key], mesh)
+  if batches is None:
+    run = jax.jit(run, in_shardings=(rep,) * 5, out_shardings=(rep, rep),
+                  donate_argnums=(0,) if policy.donate else ())
+    images = {"x": sharding.put_global(x_images, rep),
+              "cond": sharding.put_global(cond_images, rep)}
+    step_fn = lambda st, count: run(st, count, images, *keys)
+  else:
+    def one_host(state, b):
+      state, metrics = step(state, b, jax.random.fold_in(keys[0], state.step))
+      return state, metrics["loss"]
+    host = jax.jit(trainloop.host_multi_step(one_host), out_shardings=(rep, rep),
+                   donate_argnums=(0,) if policy.donate else ())
+    step_fn = lambda st, count: host(st, trainloop.host_batches(
+        batches, mesh, int(count), int(jax.device_get(st.step))))
 
   ckpt = None
   if workdir is not None:
     ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints", max_to_keep=max_to_keep,
                         save_interval_steps=checkpoint_every)
   try:
-    return trainloop.run(lambda st, count: run(st, count, images, *keys), state,
-                         num_steps=num_steps, checkpointer=ckpt, log_every=log_every,
+    return trainloop.run(step_fn, state, num_steps=num_steps, checkpointer=ckpt, log_every=log_every,
                          steps_per_call=int(policy.steps_per_call), desc=desc)
   finally:
     if ckpt is not None:

@@ -236,21 +236,23 @@ def _cached_solver(model, schedule_key: tuple[str, int, int, str], ratio: int,
 
 
 def default_memory_gb() -> float:
-  """The memory a solve may use by default: an eighth of this machine's RAM, at most 2 GB
-  (so a scene of any size stays well inside a laptop's or a shared node's memory)."""
+  """The memory a solve may use by default: a sixteenth of this machine's RAM, at most 1 GB
+  (so with the runtime, the prior and the output strips a scene of any size stays under
+  ~3 GB: 2.8 GB measured for 1024 x 1024 x 128, docs/scaling.md)."""
   try:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
   except (ValueError, OSError, AttributeError):
     total = 16.0
-  return float(min(2.0, total / 8))
+  return float(min(1.0, total / 16))
 
 
 def solve_bytes(pixels: int, num_bands: int, msi_bands: int, hidden: int = 512,
                 chunk: int = 512) -> int:
   """Working memory of one Algorithm-1 solve over `pixels` HR pixels (float32): X, its Adam
-  moments, EMA, the noise, the gradient and the data terms' temporaries (~9 B floats per
-  pixel), plus the prior's activations for one block of `chunk` pixels."""
-  return int(4 * (pixels * (9 * num_bands + 3 * msi_bands) + chunk * 4 * 3 * hidden))
+  moments, EMA, the noise, the gradient, the data terms' and XLA's temporaries (~16 B
+  floats per pixel, measured), plus the prior's activations for one block of `chunk`
+  pixels."""
+  return int(4 * (pixels * (16 * num_bands + 3 * msi_bands) + chunk * 4 * 3 * hidden))
 
 
 def plan_windows(shape: tuple[int, int, int], msi_bands: int, ratio: int,

@@ -138,7 +138,7 @@ def check_workdir(workdir: str | pathlib.Path, fingerprint: dict[str, Any]) -> N
 def train_prior(pixels: np.ndarray, *, steps: int, key: Any,
                 workdir: str | pathlib.Path | None = None,
                 mesh: jax.sharding.Mesh | None = None, show_progress: bool = True,
-                policy: Any = None, **settings: Any) -> Prior:
+                policy: Any = None, batches: Any = None, **settings: Any) -> Prior:
   """Trains the per-pixel spectral diffusion model on clean spectra.
 
   Args:
@@ -152,6 +152,9 @@ def train_prior(pixels: np.ndarray, *, steps: int, key: Any,
     show_progress: False silences the progress output.
     policy: platform choices (steps per dispatch, donation; hsijax.policy), None = the
       running backend's.
+    batches: batches(step) -> (batch, B) pixels in [0, 1] from a host pipeline (e.g.
+      `hsijax.datasets.prior_pixel_batches` over a TFDS dataset) instead of drawing from
+      `pixels`, which then is a sample of the data (fingerprint, band count).
     **settings: `PriorSettings` fields (hidden, num_layers, time_dim, dropout, precision,
       schedule, num_timesteps, batch, lr, weight_decay, ema, decay_steps,
       checkpoint_every, log_every).
@@ -184,7 +187,8 @@ def train_prior(pixels: np.ndarray, *, steps: int, key: Any,
     check_workdir(workdir, fp)
     fileio.write_json(workdir / PRIOR_FILE, fp | {"steps": int(steps)})
   state, history = train_lib.fit(pixels, steps=steps, key=key, settings=s, workdir=workdir,
-                                 mesh=mesh, show_progress=show_progress, policy=policy)
+                                 mesh=mesh, show_progress=show_progress, policy=policy,
+                                 batches=batches)
   info = {"steps": int(np.asarray(state.step)),
           "final_loss": float(history["loss"][-1]) if history.get("loss") else None,
           "history": history, "seconds": time.perf_counter() - t0,

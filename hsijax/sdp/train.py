@@ -142,6 +142,25 @@ def _multi_step(model: SpectralDenoiser, schedule_name: str, num_timesteps: int,
                  donate_argnums=(0,) if donate else ())
 
 
+@functools.lru_cache(maxsize=8)
+def _host_multi_step(model: SpectralDenoiser, schedule_name: str, num_timesteps: int,
+                     opt_args: tuple[float, float, float], ema_decay: float,
+                     mesh: jax.sharding.Mesh, donate: bool):
+  """jit((state, batches (k, batch, B), train_key) -> (state, last loss)): k steps on
+  batches from a host pipeline (a TFDS dataset through grain), one scan per dispatch."""
+  schedule = diffusion.make_schedule(schedule_name, num_timesteps)
+  step = make_train_step(model, schedule, make_optimizer(*opt_args), ema_decay)
+  rep = sharding.replicated(mesh)
+
+  def run(state, batches, train_key):
+    def one(state, b):
+      state, metrics = step(state, b, jax.random.fold_in(train_key, state.step))
+      return state, metrics["loss"]
+    return trainloop.host_multi_step(one)(state, batches)
+
+  return jax.jit(run, out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
+
+
 @dataclasses.dataclass(frozen=True)
 class PriorSettings(settings_lib.Settings):
   """Everything that defines a spectral prior besides its data, steps and key.
@@ -191,7 +210,8 @@ class PriorSettings(settings_lib.Settings):
 
 def fit(pixels: np.ndarray, *, steps: int, key: Any, settings: PriorSettings = PriorSettings(),
         workdir: str | pathlib.Path | None = None, mesh: jax.sharding.Mesh | None = None,
-        show_progress: bool = True, policy: policy_lib.Policy | None = None
+        show_progress: bool = True, policy: policy_lib.Policy | None = None,
+        batches: Callable[[int], np.ndarray] | None = None
         ) -> tuple[TrainState, dict[str, list[float]]]:
   """Trains the spectral denoiser on clean pixels (resumable, data-parallel).
 
@@ -210,6 +230,11 @@ def fit(pixels: np.ndarray, *, steps: int, key: Any, settings: PriorSettings = P
       it, parameters and optimiser state replicated.
     show_progress: False silences the progress output of `trainloop.run`.
     policy: platform choices (steps per dispatch, donation); None = the backend's.
+    batches: instead of drawing from `pixels` on the device, batches(step) -> this
+      process's (batch / processes, B) pixels of that step from a host pipeline (e.g.
+      `hsijax.datasets.prior_pixel_batches` over a TFDS dataset larger than memory; it must
+      be a pure function of the step so a resumed run reads the same batches). `pixels`
+      then only gives the band count (one spectrum is enough).
 
   Returns:
     (final TrainState, history {"step": [...], "loss": [...]}).
@@ -236,8 +261,16 @@ def fit(pixels: np.ndarray, *, steps: int, key: Any, settings: PriorSettings = P
   state = sharding.replicate(init_train_state(model, init_key, optimizer), mesh)
   run = _multi_step(model, s.schedule, int(s.num_timesteps), opt_args, float(s.ema),
                     int(s.batch), mesh, bool(policy.donate))
-  on_device = sharding.put_global(pixels, rep)
   keys = sharding.replicate([data_key, train_key], mesh)
+  if batches is None:
+    on_device = sharding.put_global(pixels, rep)
+    step_fn = lambda st, count: run(st, count, on_device, *keys)
+  else:
+    host = _host_multi_step(model, s.schedule, int(s.num_timesteps), opt_args, float(s.ema),
+                            mesh, bool(policy.donate))
+    step_fn = lambda st, count: host(st, trainloop.host_batches(
+        lambda i: np.asarray(batches(i), np.float32), mesh, int(count),
+        int(jax.device_get(st.step))), keys[1])
 
   ckpt = None
   if workdir is not None:
@@ -246,7 +279,7 @@ def fit(pixels: np.ndarray, *, steps: int, key: Any, settings: PriorSettings = P
   try:
     with contextlib.nullcontext() if show_progress else progress.silenced():
       state, history = trainloop.run(
-          lambda st, count: run(st, count, on_device, *keys), state, num_steps=int(steps),
+          step_fn, state, num_steps=int(steps),
           checkpointer=ckpt, log_every=int(s.log_every),
           steps_per_call=int(policy.steps_per_call), desc="SDM train")
   finally:
