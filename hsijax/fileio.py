@@ -33,21 +33,11 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[Any], Any],
   Creates missing parent folders; on any error the temp file is removed and the previous
   `path` (if any) is left untouched. process0_only: skip on every process but 0.
   """
-  path = pathlib.Path(path)
-  if process0_only and jax.process_index() != 0:
-    return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, mode) as f:
-      write_fn(f)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  with atomic_path(path, process0_only) as tmp:
+    if tmp is not None:
+      with open(tmp, mode) as f:
+        write_fn(f)
+  return pathlib.Path(path)
 
 
 @contextlib.contextmanager

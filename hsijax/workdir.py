@@ -35,8 +35,8 @@ def _now() -> str:
   return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def prepare(workdir: str | os.PathLike) -> tuple[pathlib.Path, bool]:
-  """Checks, creates and locks the workdir; returns (path, whether this run created it)."""
+def resolve(workdir: str | os.PathLike | None) -> pathlib.Path:
+  """The absolute path of a --workdir value; refuses an empty one, a URL and a file."""
   if not workdir:
     raise ValueError("--workdir is required: pass --workdir=DIR for outputs and checkpoints")
   if "://" in str(workdir):  # pathlib would silently turn gs://b/x into ./gs:/b/x
@@ -46,6 +46,12 @@ def prepare(workdir: str | os.PathLike) -> tuple[pathlib.Path, bool]:
   path = pathlib.Path(workdir).expanduser().resolve()
   if path.exists() and not path.is_dir():
     raise ValueError(f"--workdir={workdir} is a file, not a folder; pass a folder path")
+  return path
+
+
+def prepare(workdir: str | os.PathLike) -> tuple[pathlib.Path, bool]:
+  """Checks, creates and locks the workdir; returns (path, whether this run created it)."""
+  path = resolve(workdir)
   created = not path.exists()
   try:
     path.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging as absl_logging
 
 from hsijax import data, fileio, sharding
+from hsijax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Writers shared with the library (atomic, process 0 only, umask modes).
@@ -23,13 +24,7 @@ to_builtin = fileio.to_builtin
 def setup(workdir: str | os.PathLike | None) -> pathlib.Path:
   """Multi-host init, creates `workdir`, and quietens library logs; returns the path."""
   sharding.initialize_distributed()
-  if not workdir:
-    raise ValueError("--workdir is required: pass --workdir=DIR for outputs and checkpoints")
-  if "://" in str(workdir):  # pathlib would silently turn gs://b/x into ./gs:/b/x
-    raise ValueError(
-        f"--workdir={workdir} is a URL; the entry points write to local paths only. Mount "
-        "the bucket (e.g. gcsfuse) or use a shared filesystem and pass its local path.")
-  path = pathlib.Path(workdir).expanduser().resolve()
+  path = workdir_lib.resolve(workdir)
   path.mkdir(parents=True, exist_ok=True)
   # The entry points print their own progress; library INFO logs (backend probing, Orbax)
   # would bury it.
