@@ -4,6 +4,7 @@ Verbs (plain arrays in, small frozen dataclasses out):
   train_prior(pixels, *, steps, key, **settings) -> Prior      prior.py
   load_prior(workdir) -> Prior                                 prior.py
   fuse(y, z, *, prior=None, key, ...) -> Fusion                fusion.py (prior=None: Baseline)
+  check_pair, scale_pair, fill_invalid, finish_output          inputs.py
   run_methods / evaluate_cube                                  evaluate.py (SDP vs Baseline vs
                                                                classical; the Wald protocol)
 Building blocks:
@@ -19,9 +20,10 @@ from hsijax.sdp.denoiser import (SpectralDenoiser, apply_with_input_grad, count_
                                  fold_time_condition, time_condition)
 from hsijax.sdp.evaluate import (METHODS, Evaluation, MethodResults, evaluate_cube,
                                  no_reference_table, reference_table, run_methods)
-from hsijax.sdp.fusion import (Fusion, FusionSettings, check_pair, estimate_operators,
-                               fill_invalid, finish_output, fuse, fused_valid, infer_ratio,
-                               plan_windows, scale_pair)
+from hsijax.sdp.fusion import (Fusion, FusionSettings, estimate_operators, fuse,
+                               plan_windows)
+from hsijax.sdp.inputs import (check_pair, fill_invalid, finish_output, fused_valid,
+                               infer_ratio, scale_pair)
 from hsijax.sdp.prior import Prior, load_prior, train_prior
 from hsijax.sdp.solver import (fusion_grad, fusion_loss, initial_x, make_batched_solver,
                                make_solver, respaced_lr_scale)

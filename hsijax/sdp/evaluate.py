@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -21,6 +22,7 @@ from hsijax import classical, degrade, metrics, tiling
 from hsijax import settings as settings_lib
 from hsijax.sdp import fusion as fusion_lib
 from hsijax.sdp import prior as prior_lib
+from hsijax.sdp.inputs import check_pair
 
 METHODS = ("sdp", "baseline") + tuple(classical.METHODS)
 LABELS = {"sdp": "SDP", "baseline": "Baseline", "bicubic": "Bicubic",
@@ -75,7 +77,7 @@ def run_methods(y: Any, z: Any, *, prior: prior_lib.Prior | None, key: Any,
     raise ValueError("method 'sdp' needs a trained prior; pass prior= or drop 'sdp'")
   s = fusion_lib.FusionSettings.from_kwargs(**settings)
   y, z = np.asarray(y, np.float32), np.asarray(z, np.float32)
-  ratio = fusion_lib.check_pair(y, z, psf=psf, srf=srf, psf_size=s.psf_size)
+  ratio = check_pair(y, z, psf=psf, srf=srf, psf_size=s.psf_size)
   seconds: dict[str, float] = {}
   blind = psf is None or srf is None
   if blind:
@@ -184,6 +186,15 @@ def evaluate_cube(cube: Any, *, wavelengths_nm: Any, key: Any = 0, ratio: int = 
   cube = np.asarray(cube, np.float32)
   if cube.ndim != 3:
     raise ValueError(f"cube must be (H, W, B), got shape {cube.shape}")
+  wavelengths_nm = np.asarray(wavelengths_nm)
+  dead = ~(cube.max(axis=(0, 1)) > 0)
+  dropped = np.flatnonzero(dead).tolist() if srf is None else []
+  if dropped:
+    # Bands without any positive value (e.g. water-absorption bands zeroed by the source)
+    # carry no signal: every method returns 0 there and their PSNR is undefined.
+    warnings.warn(f"dropped {int(dead.sum())} of {cube.shape[-1]} bands that are zero or "
+                  "negative everywhere (no signal, e.g. water-absorption bands)", stacklevel=2)
+    cube, wavelengths_nm = cube[..., ~dead], wavelengths_nm[~dead]
   if srf is None:
     srf = degrade.ikonos_srf(np.asarray(wavelengths_nm), path=srf_path or None)
   wd = degrade.wald_protocol(cube, ratio=int(ratio), key=jax.random.fold_in(key, 0),
@@ -204,6 +215,7 @@ def evaluate_cube(cube: Any, *, wavelengths_nm: Any, key: Any = 0, ratio: int = 
   table["seconds"] = {"train": train_seconds, **out.seconds,
                       "total": time.perf_counter() - t_start}
   details = {
+      "dropped_bands": dropped,
       "shapes": {"reference": ref.shape, "y": y.shape, "z": z.shape,
                  "train_pixels": np.shape(wd.train_pixels)},
       "ratio": out.ratio, "blind": out.blind,
