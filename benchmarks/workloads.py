@@ -34,7 +34,7 @@ import numpy as np
 
 from benchmarks import harness as bm
 from hsijax import diffusion
-from hsijax import precision as precision_lib
+from hsijax import policy as policy_lib
 
 # (blocking reference matmul, its FLOPs), set by run(): timed after every JAX repeat.
 _COMPANION: list = []
@@ -242,7 +242,7 @@ def bench_sdm_train(config, peaks: dict, use_torch: bool,
                     precision: str = "default") -> dict[str, Any]:
   """One spectral-model training step: forward + full backward + Adam + EMA.
 
-  `precision` is the denoiser's matmul policy (hsijax.precision); the PyTorch reference
+  `precision` is the denoiser's matmul policy (hsijax.policy); the PyTorch reference
   always runs in float32.
   """
   from hsijax.sdp import train as sdp_train
@@ -519,7 +519,7 @@ def _parse(workloads: str) -> list[str]:
 def split_precision(name: str, default: str = "default") -> tuple[str, str]:
   """"sdm_train@bfloat16" -> ("sdm_train", "bfloat16"); no suffix -> (name, default)."""
   base, sep, prec = name.partition("@")
-  return base, precision_lib.check(prec if sep else default)
+  return base, policy_lib.check_precision(prec if sep else default)
 
 
 def run_workload(name: str, config, peaks: dict, use_torch: bool,
@@ -532,7 +532,7 @@ def run_workload(name: str, config, peaks: dict, use_torch: bool,
     config = config.copy_and_resolve_references()
     config.repeats = int(repeats)
   # SDP models take the policy themselves (operand dtypes); scope() covers other models.
-  with precision_lib.scope(prec):
+  with policy_lib.precision_scope(prec):
     out = _run_workload(name, config, peaks, use_torch, done, prec)
   out["precision"] = prec
   return out

@@ -25,7 +25,7 @@ Workloads (`workloads` is a comma-separated subset of these names):
                        `sampling.ddpm_steps`), ICMG on; when the predicted time exceeds
                        `sampling.max_full_s` the total is estimated from the per-step time of
                        the matching scdm_<u>_icmg workload (marked "estimated": true).
-  <name>@<precision>   any workload above at a matmul precision policy of hsijax.precision
+  <name>@<precision>   any workload above at a matmul precision policy of hsijax.policy
                        ("float32", "tensorfloat32", "bfloat16"; e.g. sdm_train@bfloat16);
                        without a suffix `precision` applies. The SDP denoiser rounds its
                        matmul operands to bf16 under "bfloat16" (on every platform); other
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # fastest is timed. 1 guards against OpenMP slowdowns on a shared, oversubscribed CPU.
   c.torch_threads = (0, 1)
   c.matmul_n = 2048        # (n, n) @ (n, n) float32 for the machine's matmul peak
-  # Matmul precision of workloads without an "@<precision>" suffix (hsijax.precision).
+  # Matmul precision of workloads without an "@<precision>" suffix (hsijax.policy).
   c.precision = "default"
   c.workloads = ("sdm_train,sdp_step_64,sdp_step_128,scdm_tiny,scdm_tiny_icmg,scdm_paper,"
                  "scdm_paper_icmg,scdm_paper256,sample_tiny_ddim,sample_tiny_ddpm,"

@@ -97,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Platform policy overrides, e.g. --config.policy.steps_per_call=1 (hsijax.policy).
   c.policy = common.policy_fields()
   # Matmul precision of the SDP denoiser (training and solver): "default" | "float32" |
-  # "tensorfloat32" | "bfloat16" (hsijax.precision; accuracy in docs/benchmarks.md).
+  # "tensorfloat32" | "bfloat16" (hsijax.policy; accuracy in docs/benchmarks.md).
   c.precision = "default"
   c.budget = "paper"
   c.budgets = _budgets()

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsijax import degrade, precision
+from hsijax import degrade
+from hsijax import policy as policy_lib
 
 
 def _keys_weights(s: np.ndarray, a: float = -0.5) -> np.ndarray:
@@ -54,7 +55,7 @@ def cubic_matrix(n_low: int, ratio: int, n_high: int | None = None) -> np.ndarra
   return m
 
 
-@precision.float32_matmuls
+@policy_lib.float32_matmuls
 def bicubic(y: jax.Array, ratio: int, out_hw: tuple[int, int] | None = None) -> jax.Array:
   """(h, w, B) -> (H, W, B) cubic upsampling aligned with `blur_down`'s sampling grid."""
   y = jnp.asarray(y, jnp.float32)
@@ -73,7 +74,7 @@ def _check(y, z, ratio):
                      f"{y.shape[:2]}; crop the images or fix the ratio")
 
 
-@precision.float32_matmuls
+@policy_lib.float32_matmuls
 def detail_injection(y: jax.Array, z: jax.Array, psf: jax.Array, ratio: int) -> jax.Array:
   """Regression-gain detail injection: (h, w, B), (H, W, b) -> (H, W, B).
 
@@ -105,7 +106,7 @@ def _smoothness(a: jax.Array) -> jax.Array:
   return 0.5 * (jnp.sum(jnp.diff(a, axis=0) ** 2) + jnp.sum(jnp.diff(a, axis=1) ** 2))
 
 
-@precision.float32_matmuls
+@policy_lib.float32_matmuls
 @functools.partial(jax.jit, static_argnames=("ratio", "rank", "iters"))
 def subspace_ls(y: jax.Array, z: jax.Array, psf: jax.Array, srf: jax.Array, ratio: int, *,
                 rank: int = 8, tau: float = 1e-3, smooth: float = 0.0,

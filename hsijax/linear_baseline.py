@@ -16,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hsijax import precision
+from hsijax import policy as policy_lib
 
 
 class LinearMap(NamedTuple):
@@ -33,7 +33,7 @@ def _pixels(a, name: str) -> jax.Array:
   return a.reshape(-1, a.shape[-1])
 
 
-@precision.float32_matmuls
+@policy_lib.float32_matmuls
 def fit(inputs, targets, ridge: float = 0.0) -> LinearMap:
   """Least-squares affine map from input channels to target bands over all pixels.
 
@@ -80,7 +80,7 @@ def _fit(a: jax.Array, y: jax.Array, ridge: jax.Array) -> LinearMap:
   return LinearMap(weight=weight, bias=bias)
 
 
-@precision.float32_matmuls
+@policy_lib.float32_matmuls
 def apply(lin: LinearMap, inputs) -> jax.Array:
   """Applies the map to (..., C) inputs -> (..., B)."""
   inputs = jnp.asarray(inputs, dtype=jnp.float32)

@@ -1,4 +1,4 @@
-"""hsijax.precision: policy names, dot() numerics against NumPy, scope(), config field, and the
+"""hsijax.policy matmul precision: policy names, dot() numerics against NumPy, scope(), config field, and the
 SDP denoiser under "bfloat16" (same parameters, close to float32, not identical)."""
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from hsijax import precision
+from hsijax import policy as precision
 
 
 def _bf16_round(a):
@@ -18,16 +18,16 @@ def _bf16_round(a):
 
 def test_check_and_from_config():
   for name in precision.PRECISIONS:
-    assert precision.check(name) == name
+    assert precision.check_precision(name) == name
   with pytest.raises(ValueError, match="bfloat16"):
-    precision.check("half")
+    precision.check_precision("half")
   c = ml_collections.ConfigDict({"seed": 0})
-  assert precision.from_config(c) == "default"       # absent field: unchanged behaviour
+  assert precision.precision_from_config(c) == "default"       # absent field: unchanged behaviour
   c.precision = "bfloat16"
-  assert precision.from_config(c) == "bfloat16"
+  assert precision.precision_from_config(c) == "bfloat16"
   c.precision = "fp8"
   with pytest.raises(ValueError, match="unknown precision"):
-    precision.from_config(c)
+    precision.precision_from_config(c)
   assert precision.operand_dtype("bfloat16") == jnp.bfloat16
   assert precision.operand_dtype("default") == jnp.float32
 
@@ -52,9 +52,9 @@ def test_dot_numerics():
 
 def test_scope_sets_and_restores_matmul_precision():
   before = jax.config.jax_default_matmul_precision
-  with precision.scope("float32"):
+  with precision.precision_scope("float32"):
     assert jax.config.jax_default_matmul_precision == "float32"
-  with precision.scope("default"):
+  with precision.precision_scope("default"):
     assert jax.config.jax_default_matmul_precision == before
   assert jax.config.jax_default_matmul_precision == before
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hsijax import precision as precision_lib
+from hsijax import policy as policy_lib
 from hsijax.sdp import denoiser
 from hsijax.sdp.denoiser import SpectralDenoiser, count_params
 
@@ -86,7 +86,7 @@ def test_concat_dot_gradients_equal_autodiff_of_the_concatenation(precision):
   rng = np.random.default_rng(4)
   h, x, k, w = (jnp.asarray(rng.normal(size=s), jnp.float32)
                 for s in [(7, 5), (7, 3), (8, 4), (7, 4)])
-  plain = lambda h, x, k: precision_lib.dot(jnp.concatenate([h, x], -1), k, precision)
+  plain = lambda h, x, k: policy_lib.dot(jnp.concatenate([h, x], -1), k, precision)
   fast = lambda h, x, k: denoiser.concat_dot(h, x, k, precision)
   loss = lambda f: lambda h, x, k: jnp.sum(jnp.tanh(f(h, x, k)) * w)
   np.testing.assert_allclose(fast(h, x, k), plain(h, x, k), rtol=1e-6)

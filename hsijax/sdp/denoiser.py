@@ -26,7 +26,7 @@ Speed-relevant choices (same function, same parameters as the concat form):
 * Dropout (training) draws every layer's mask at once with `dropout_keep_mask`: for the tiny
   rate of the recipe (0.001) it samples the gaps between dropped units (geometric) instead of
   one random word per unit, ~1000x fewer random numbers for the same Bernoulli masks.
-* `precision` (hsijax.precision) sets how every matmul runs ("bfloat16": bf16 operands,
+* `precision` (hsijax.policy) sets how every matmul runs ("bfloat16": bf16 operands,
   float32 accumulation; LayerNorm, SiLU and the parameters stay float32).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hsijax import diffusion
-from hsijax import precision as precision_lib
+from hsijax import policy as policy_lib
 
 # torch.nn.init.xavier_normal_: N(0, 2 / (fan_in + fan_out)), not truncated.
 xavier_normal = nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
@@ -101,7 +101,7 @@ def concat_dot(h: jax.Array, x: jax.Array, kernel: jax.Array,
   nothing differentiates x (it is data), so B / (H + B) of that dot would be wasted. The
   kernel gradient stays one dot with the concatenated input.
   """
-  return precision_lib.dot(jnp.concatenate([h, x], axis=-1), kernel, precision)
+  return policy_lib.dot(jnp.concatenate([h, x], axis=-1), kernel, precision)
 
 
 def _concat_dot_fwd(h, x, kernel, precision):
@@ -117,12 +117,12 @@ def _concat_dot_bwd(precision, res, g):
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     return None, None, None
   n_h = h.shape[-1]
-  d_h = None if want_h is None else precision_lib.dot(g, kernel[:n_h].T, precision)
-  d_x = None if want_x is None else precision_lib.dot(g, kernel[n_h:].T, precision)
+  d_h = None if want_h is None else policy_lib.dot(g, kernel[:n_h].T, precision)
+  d_x = None if want_x is None else policy_lib.dot(g, kernel[n_h:].T, precision)
   d_kernel = None
   if want_k is not None:
     hx = jnp.concatenate([h, x], axis=-1)  # XLA CSEs it with the forward's
-    d_kernel = precision_lib.dot(hx.reshape(-1, hx.shape[-1]).T,
+    d_kernel = policy_lib.dot(hx.reshape(-1, hx.shape[-1]).T,
                                  g.reshape(-1, g.shape[-1]), precision)
   return d_h, d_x, d_kernel
 
@@ -151,7 +151,7 @@ class SpectralDenoiser(nn.Module):
     num_layers: number of main linear layers L (5 in the authors' code), >= 2.
     time_dim: sinusoidal embedding size (64).
     dropout: dropout rate after each hidden layer, active only with train=True.
-    precision: matmul precision policy, a name in hsijax.precision.PRECISIONS ("default":
+    precision: matmul precision policy, a name in hsijax.policy.PRECISIONS ("default":
       the backend's default, float32 on CPU; "bfloat16": bf16 operands, f32 accumulation).
   """
   num_bands: int
@@ -184,7 +184,7 @@ class SpectralDenoiser(nn.Module):
     if t.ndim not in (0, 1) or (t.ndim == 1 and t.shape[0] != x.shape[0]):
       raise ValueError(f"t must be a scalar or shaped ({x.shape[0]},), got {t.shape}")
 
-    mm = lambda a, w: precision_lib.dot(a, w, self.precision)
+    mm = lambda a, w: policy_lib.dot(a, w, self.precision)
 
     # Time condition: (B,) for scalar t, (N, B) for per-pixel t.
     emb = diffusion.timestep_embedding(t, self.time_dim)
@@ -242,7 +242,7 @@ class SpectralDenoiser(nn.Module):
 def time_condition(model: SpectralDenoiser, params: Any, t: Any) -> list[jax.Array]:
   """The (L - 1) modulation vectors s_i = Cond_i(SiLU(c(t))), each (hidden,), for scalar t."""
   p = params["params"]
-  lin = lambda name, a: precision_lib.dot(a, p[name]["kernel"], model.precision) + p[name]["bias"]
+  lin = lambda name, a: policy_lib.dot(a, p[name]["kernel"], model.precision) + p[name]["bias"]
   emb = diffusion.timestep_embedding(jnp.asarray(t), model.time_dim)
   act_c = nn.silu(lin("time_1", nn.silu(lin("time_0", emb))))
   return [lin(f"cond_{i}", act_c) for i in range(model.num_layers - 1)]
@@ -342,7 +342,7 @@ def apply_with_input_grad(model: SpectralDenoiser, folded: dict[str, Any], x: ja
 def _apply_with_input_grad(model, folded, x, cotangent_fn):
   """apply_with_input_grad on one block of pixels (no chunking)."""
   B, H, L = model.num_bands, model.hidden, model.num_layers
-  mm = lambda a, w: precision_lib.dot(a, w, model.precision)
+  mm = lambda a, w: policy_lib.dot(a, w, model.precision)
   x_proj = mm(x, folded["x_kernel"])
   offsets = np.concatenate([[0], np.cumsum([H] * (L - 1) + [B])])
   saved = []

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from hsijax import diffusion, precision, progress, sharding, trainloop
+from hsijax import diffusion, progress, sharding, trainloop
 from hsijax import policy as policy_lib
 from hsijax import settings as settings_lib
 from hsijax.checkpoint import Checkpointer
@@ -166,7 +166,7 @@ class PriorSettings(settings_lib.Settings):
   """Everything that defines a spectral prior besides its data, steps and key.
 
   Model: hidden, num_layers, time_dim, dropout (SpectralDenoiser), precision (matmul policy,
-  hsijax.precision). Diffusion: schedule ("linear" | "cosine"), num_timesteps T. Training:
+  hsijax.policy). Diffusion: schedule ("linear" | "cosine"), num_timesteps T. Training:
   batch (pixels per step), lr, weight_decay (torch-style L2), ema (decay of the weights'
   EMA), decay_steps (the lr decays linearly to lr / 1000 over this many steps, then stays;
   the paper's 10000), checkpoint_every, log_every (loss history / log line interval).
@@ -188,7 +188,7 @@ class PriorSettings(settings_lib.Settings):
   log_every: int = 100
 
   def __post_init__(self):
-    precision.check(self.precision)
+    policy_lib.check_precision(self.precision)
     self.require_positive("hidden", "num_layers", "time_dim", "num_timesteps", "batch",
                           "decay_steps", "checkpoint_every", "log_every")
     if self.num_layers < 2:
