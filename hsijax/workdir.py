@@ -49,6 +49,20 @@ def resolve(workdir: str | os.PathLike | None) -> pathlib.Path:
   return path
 
 
+def fresh_subfolder(workdir: str | os.PathLike) -> pathlib.Path:
+  """WORKDIR/run-<N>, the next N not taken: a fresh start beside earlier runs (--fresh).
+
+  In a multi-process run every process gets process 0's choice.
+  """
+  path = resolve(workdir)
+  taken = [int(p.name[4:]) for p in path.glob("run-*") if p.name[4:].isdigit()]
+  n = max(taken, default=0) + 1
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    n = int(multihost_utils.broadcast_one_to_all(jax.numpy.int32(n)))
+  return path / f"run-{n}"
+
+
 def prepare(workdir: str | os.PathLike) -> tuple[pathlib.Path, bool]:
   """Checks, creates and locks the workdir; returns (path, whether this run created it)."""
   path = resolve(workdir)

@@ -2,7 +2,8 @@
 
 `run_main(run_fn, ...)` is the `__main__` of each `launch/*.py`:
   * --config (resolved against the package, so any working directory works), --workdir,
-    --coordinator_address / --num_processes / --process_id (multi-process runs), --verbose.
+    --coordinator_address / --num_processes / --process_id (multi-process runs), --verbose,
+    --fresh (a new sub-folder WORKDIR/run-<N> instead of reusing WORKDIR).
   * The workdir is checked before any work (not a file, writable), locked for the run (a
     second run on it stops at once, naming the first one's process), cleared of temp files
     a killed run left, and DIR/run.json says "status": "running" until the run ends as
@@ -44,6 +45,8 @@ def run_main(run_fn: Callable[[Any, Any], Any], default_config: str, default_wor
                       "0 (cluster launchers are detected without it).")
   flags.DEFINE_integer("num_processes", None, "Multi-process runs: number of processes.")
   flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+  flags.DEFINE_bool("fresh", False, "Start in a new sub-folder WORKDIR/run-<N> instead of "
+                    "resuming (or refusing) what WORKDIR holds.")
   flags.DEFINE_bool("verbose", os.environ.get("HSIJAX_VERBOSE", "") not in ("", "0"),
                     "Show the traceback of an error.")
 
@@ -57,7 +60,10 @@ def run_main(run_fn: Callable[[Any, Any], Any], default_config: str, default_wor
     try:
       sharding.initialize_distributed(coordinator_address=f.coordinator_address,
                                       num_processes=f.num_processes, process_id=f.process_id)
-      path, created = workdir_lib.prepare(f.workdir)
+      target = workdir_lib.fresh_subfolder(f.workdir) if f.fresh else f.workdir
+      path, created = workdir_lib.prepare(target)
+      if f.fresh:
+        common.log(f"fresh run in {path} (resume it with --workdir={path})")
       workdir_lib.set_status(path, "running")
       run_fn(f.config, str(path))
       workdir_lib.set_status(path, "finished")

@@ -1,4 +1,5 @@
 """Tests for hsijax.checkpoint (Orbax round trips, shardings, retention)."""
+import json
 import os
 
 import jax
@@ -196,7 +197,10 @@ def test_save_interrupted_by_a_kill_is_ignored_then_replaced(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [5, 7]
     np.testing.assert_array_equal(np.asarray(ckpt.restore()["v"]), [7.0, 7.0])
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["5", "7"]
+  # Nothing of the killed save is left; the checksum record covers exactly the two saved steps.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["5", "7", checkpoint.CHECKSUM_FILE]
+  recorded = json.loads((tmp_path / checkpoint.CHECKSUM_FILE).read_text())
+  assert sorted(recorded) == ["5", "7"]
 
 
 def test_restore_without_checkpoint_names_directory(tmp_path):

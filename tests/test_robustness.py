@@ -96,6 +96,18 @@ def test_status_in_run_json_stale_temp_files_and_umask(tmp_path):
     assert mode == 0o644, (name, oct(mode))  # readable under umask 022, not 0600
   fileio.write_text(tmp_path / "x.txt", "y")
   assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) & 0o044 == 0o044
+  # 3: another seed on the same workdir is refused (naming the difference and --fresh);
+  # --fresh starts over in WORKDIR/run-1 and leaves the first run untouched.
+  before = (tmp_path / "run" / "prior.json").read_text()
+  proc = _cli(["launch.train_sdm", *TINY, "--config.seed=7", f"--workdir={tmp_path / 'run'}"],
+              tmp_path)
+  assert proc.returncode == 1 and "key / seed" in proc.stderr and "--fresh" in proc.stderr
+  proc = _cli(["launch.train_sdm", *TINY, "--config.seed=7", "--fresh",
+               f"--workdir={tmp_path / 'run'}"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads((tmp_path / "run" / "run-1" / "run.json").read_text())["status"] == "finished"
+  assert (tmp_path / "run" / "prior.json").read_text() == before
+  assert workdir_lib.fresh_subfolder(tmp_path / "run").name == "run-2"
 
 
 # ----------------------------------------------------------------------------- 2: validation

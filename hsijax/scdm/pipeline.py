@@ -148,7 +148,8 @@ def _write_or_check(workdir: pathlib.Path, cascade: Cascade, training: dict[str,
     if diffs:
       raise ValueError(f"{workdir} already holds stages trained with other inputs ("
                        + "; ".join(diffs) + "); mixing them would make a wrong cascade: use "
-                       "a new workdir, or the old settings")
+                       "a new workdir (--fresh starts one in a sub-folder), or the old "
+                       "settings")
     training = old_training | training
   fileio.write_json(pathlib.Path(workdir) / CASCADE_FILE,
                     cascade.to_json() | {"training": training})

@@ -132,7 +132,7 @@ def check_workdir(workdir: str | pathlib.Path, fingerprint: dict[str, Any]) -> N
     raise ValueError(
         f"{workdir} already holds a spectral prior trained with other inputs ("
         + "; ".join(diffs) + "). Reusing it would silently mix two runs: pass a new workdir "
-        "(--workdir=...), or delete the old one to retrain")
+        "(--workdir=...; --fresh starts one in a sub-folder), or delete the old one to retrain")
 
 
 def train_prior(pixels: np.ndarray, *, steps: int, key: Any,
