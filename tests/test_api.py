@@ -80,6 +80,8 @@ def test_fuse_reuses_the_compiled_solver_and_matches_run_methods():
                         steps=4, blind_steps=5, show_progress=False)
   np.testing.assert_array_equal(out.results["sdp"], a.x)
   assert set(out.results) == {"sdp", "baseline"}
+  warm = sdp.fuse(y, z, **dict(kw, steps=10), init="classical", start=0.2)
+  assert warm.steps == 2 and warm.x.shape == x.shape  # the last fifth of the 10 steps
   with pytest.raises(ValueError, match="unknown method"):
     sdp.run_methods(y, z, prior=prior, key=0, methods="sdp,magic")
   with pytest.raises(ValueError, match="needs a trained prior"):
@@ -148,6 +150,8 @@ def test_fusion_settings_are_checked():
     sdp.FusionSettings(init="zeros")
   with pytest.raises(ValueError, match="lam"):
     sdp.FusionSettings(lam=-1.0)
+  with pytest.raises(ValueError, match=r"start .* must be in \(0, 1\]"):
+    sdp.FusionSettings(start=1.5)
   y, z, *_ = _problem()
   with pytest.raises(ValueError, match=r"steps=2000 must be in \[1, 1000\]"):
     sdp.fuse(y, z, key=0, steps=2000, blind_steps=1)

@@ -75,8 +75,15 @@ def test_config_presets_and_budget():
   assert sdp_config.fusion_settings(r)["lr"] == 2.5e-3
   assert sdp.FusionSettings(**sdp_config.fusion_settings(r)).lam == 0.1
   assert sdp.PriorSettings(**sdp_config.prior_settings(r)).hidden == 512
-  real = sdp_config.get_config("real")
-  assert (real.solver.lam, real.solver.gam, real.solver.lr) == (1.0, 0.1, 8e-3)
+  paper_real = sdp_config.get_config("paper_real")
+  assert (paper_real.solver.lam, paper_real.solver.gam, paper_real.solver.lr,
+          paper_real.solver.init, paper_real.solver.start) == (1.0, 0.1, 8e-3, "ones", 1.0)
+  assert paper_real.data.ratio == 4 and paper_real.budget == "paper"  # not a paper_* scene
+  for name in ("real", "crop"):  # the warm-started solver, handed to the library as is
+    warm = sdp.FusionSettings(**sdp_config.fusion_settings(
+        sdp_config.resolve(sdp_config.get_config(name + ",fast"))))
+    assert (warm.init, warm.start, warm.lam, warm.gam, warm.lr_scale) == (
+        "classical", 0.2, 0.03, 3e-4, 3.0)
   crop = sdp_config.get_config("crop,fast")
   assert crop.budget == "fast" and not crop.known_operators and crop.data.ratio == 4
   r = sdp_config.resolve(crop)

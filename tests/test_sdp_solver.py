@@ -209,3 +209,31 @@ def test_bad_arguments_raise():
   solve = solver.make_solver(model, sched, lam=0.1, gam=0.0, lr=1e-3, ratio=R)
   with pytest.raises(ValueError, match="srf"):
     solve(params, y, z, psf, srf[:, :4], jax.random.key(0))
+
+
+def test_warm_start_visits_only_the_last_positions_from_the_classical_mean():
+  """start=0.2 of 10 positions == a full run over a schedule cut to its first 2 positions
+  (the smallest t), with the prior on; lr=0 returns the classical starting point."""
+  from hsijax import classical  # pylint: disable=import-outside-toplevel
+  _, y, z, psf, srf = _problem()
+  model, params = _model()
+  sched = diffusion.make_respaced_schedule("linear", T, 10)
+  cut = jax.tree.map(lambda a: a[:2], sched)
+  kw = dict(lam=0.1, gam=1e-2, lr=0.02, K=2, init="classical", ratio=R, lr_scale=3.0)
+  key = jax.random.key(3)
+  warm = solver.make_solver(model, sched, start=0.2, **kw)(params, y, z, psf, srf, key)
+  full_cut = solver.make_solver(model, cut, **kw)(params, y, z, psf, srf, key)
+  np.testing.assert_allclose(np.asarray(warm), np.asarray(full_cut), rtol=1e-6, atol=1e-7)
+  assert solver.run_positions(10, 0.2) == 2 and solver.run_positions(10, 0.01) == 1
+  assert solver.run_positions(100, 1.0) == 100
+  # The starting point: the mean of the two classical fusions (lr 0 leaves X there).
+  still = solver.make_solver(model, sched, start=0.2, **dict(kw, lr=0.0, gam=0.0))
+  expect = 0.5 * (classical.run_method("subspace_ls", y, z, psf, srf, R)
+                  + classical.run_method("detail_injection", y, z, psf, srf, R))
+  np.testing.assert_allclose(np.asarray(still(params, y, z, psf, srf, key)),
+                             np.asarray(expect), rtol=1e-5, atol=1e-6)
+  # ... which is much closer to the truth than the paper's start from ones.
+  x_true = _problem()[0]
+  assert float(jnp.mean((expect - x_true) ** 2)) < 0.1 * float(jnp.mean((1.0 - x_true) ** 2))
+  with pytest.raises(ValueError, match="start"):
+    solver.make_solver(model, sched, start=0.0, **kw)

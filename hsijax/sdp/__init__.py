@@ -3,7 +3,9 @@
 Verbs (plain arrays in, small frozen dataclasses out):
   train_prior(pixels, *, steps, key, **settings) -> Prior      prior.py
   load_prior(workdir) -> Prior                                 prior.py
-  fuse(y, z, *, prior=None, key, ...) -> Fusion                fusion.py (prior=None: Baseline)
+  fuse(y, z, *, prior=None, key, ...) -> Fusion                fusion.py (prior=None: Baseline;
+                                                               fuse(..., **WARM_START) for the
+                                                               warm-started solver)
   check_pair, scale_pair, fill_invalid, finish_output          inputs.py
   run_methods / evaluate_cube                                  evaluate.py (SDP vs Baseline vs
                                                                classical; the Wald protocol)
@@ -20,7 +22,7 @@ from hsijax.sdp.denoiser import (SpectralDenoiser, apply_with_input_grad, count_
                                  fold_time_condition, time_condition)
 from hsijax.sdp.evaluate import (METHODS, Evaluation, MethodResults, evaluate_cube,
                                  no_reference_table, reference_table, run_methods)
-from hsijax.sdp.fusion import (Fusion, FusionSettings, estimate_operators, fuse,
+from hsijax.sdp.fusion import (WARM_START, Fusion, FusionSettings, estimate_operators, fuse,
                                plan_windows)
 from hsijax.sdp.inputs import (check_pair, fill_invalid, finish_output, fused_valid,
                                infer_ratio, scale_pair)
@@ -35,7 +37,7 @@ from hsijax.sdp.train import (PriorSettings, TrainState, diffusion_loss, evaluat
 __all__ = [
     # verbs and their values
     "train_prior", "load_prior", "Prior", "PriorSettings",
-    "fuse", "Fusion", "FusionSettings", "scale_pair", "check_pair", "infer_ratio",
+    "fuse", "Fusion", "FusionSettings", "WARM_START", "scale_pair", "check_pair", "infer_ratio",
     "fill_invalid", "fused_valid", "finish_output", "plan_windows",
     "run_methods", "MethodResults", "evaluate_cube", "Evaluation", "METHODS",
     "reference_table", "no_reference_table", "estimate_operators",

@@ -14,7 +14,9 @@ is keyed by its global position and the step, so a window sees exactly the slice
 scene's noise field; the loss is a sum over pixels (no means) and Adam, clamp, EMA and
 weight decay act per pixel. A window's run then differs from the scene's only through the
 zero padding of `blur_down` at its inner edges (and, with init="upsample", the edge
-extension of the upsampling). Each Adam step spreads that difference by about a PSF
+extension of the upsampling; with init="classical" each window starts from its own
+classical estimate, fitted on the window, so windows then match the scene only
+approximately). Each Adam step spreads that difference by about a PSF
 footprint plus the ratio, so after n K steps only pixels far from inner window edges are
 guaranteed to match to float rounding; the difference decays fast with the distance (see
 docs/scaling.md for measured numbers). Image-border sides of windows see the same zero
@@ -98,6 +100,7 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
   solve_one = solver_lib.make_solver(model, schedule, ratio=ratio, noise="position",
                                      policy=policy, **solver_kwargs)
+  steps = solver_lib.run_positions(schedule.num_steps, solver_kwargs.get("start", 1.0))
   batched = jax.jit(jax.vmap(solve_one, in_axes=(None, 0, 0, None, None, None, 0)),
                     in_shardings=(rep, data, data, rep, rep, rep, data), out_shardings=data)
 
@@ -111,7 +114,7 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
       raise ValueError(f"z is {H} x {W} but y is {y.shape[0]} x {y.shape[1]} with ratio "
                        f"{ratio}; the HR-MSI must be exactly ratio times the LR-HSI")
     if tile >= max(H, W):  # one window: the untiled solve
-      with progress.bar(schedule.num_steps, desc=desc):
+      with progress.bar(steps, desc=desc):
         x = np.asarray(jax.device_get(solve_one(params, y, z, psf, srf, key,
                                                 jnp.zeros(2, jnp.int32))))
       if out is None:
@@ -125,7 +128,7 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
     return tiling.map_tiles(
         lambda _, starts, y_w, z_w: batched(p, y_w, z_w, psf_d, srf_d, key_d, starts),
         grid, [(y, ratio), (z, 1)], tiles_per_call=tiles_per_call, mesh=mesh, halo=halo,
-        desc=desc, steps_per_call=schedule.num_steps, out=out)
+        desc=desc, steps_per_call=steps, out=out)
 
   return solve
 
