@@ -169,7 +169,7 @@ def eps_from_x0(sched: Schedule, x_t: jax.Array, i: jax.Array, x0: jax.Array) ->
       _at(sched.sqrt_one_minus_alphas_cumprod, i, x_t)
 
 
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "x0")
 
 
 def v_target(sched: Schedule, x0: jax.Array, i: jax.Array, eps: jax.Array) -> jax.Array:
@@ -192,15 +192,18 @@ def x0_from_v(sched: Schedule, x_t: jax.Array, i: jax.Array, v: jax.Array) -> ja
 
 def eps_from_prediction(sched: Schedule, x_t: jax.Array, i: jax.Array, out: jax.Array,
                         prediction: str = "eps") -> jax.Array:
-  """The noise implied by a network output that predicts `prediction` ("eps" or "v").
+  """The noise implied by a network output that predicts `prediction` ("eps", "v" or "x0").
 
-  Every sampler works on eps; a v-model's output is converted here. The map is affine in
+  Every sampler works on eps; a v- or x0-model's output is converted here (x0:
+  eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t), `eps_from_x0`). The map is affine in
   `out` for fixed x_t, so guidance mixes (ICMG) give the same result before or after it.
   """
   if prediction == "eps":
     return out
   if prediction == "v":
     return eps_from_v(sched, x_t, i, out)
+  if prediction == "x0":
+    return eps_from_x0(sched, x_t, i, out)
   raise ValueError(f"unknown prediction {prediction!r}; use one of {PREDICTIONS}")
 
 

@@ -232,6 +232,7 @@ def test_train_prior_and_scdm_from_the_tfds_dataset(built, tmp_path):
   s.data.path, s.data.tfds, s.data.tfds_dir = "", "cubes", str(built["data_dir"])
   s.data.num_bands, s.data.rgb_bands = B, (0, 2, 4)
   s.model.base, s.model.channel_mults, s.model.groups = 8, (1, 2), 4
+  s.model.residual, s.model.estimate_only = False, ()  # two U-Net stages (tiny: residual)
   s.train.batch, s.train.crop, s.train.log_every, s.train.checkpoint_every = 8, 8, 1, 2
   s.train.steps = 3
   metrics = train_scdm.run(s, str(tmp_path / "scdm"))

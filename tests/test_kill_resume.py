@@ -207,6 +207,7 @@ def test_train_scdm_killed_and_restarted_matches_uninterrupted(tmp_path, env):
     return [sys.executable, "-m", "launch.train_scdm", "--config=configs/scdm.py:tiny,stages=1",
             f"--config.data.path={tmp_path / 'cube.npz'}:cube", "--config.data.num_bands=8",
             "--config.data.rgb_bands=(0,3,6)", "--config.data.split=quadrant",
+            "--config.model.residual=False",  # one U-Net making all 8 bands
             "--config.model.base=8", "--config.model.channel_mults=(1,)",
             "--config.model.num_res_down=1", "--config.model.num_res_up=2",
             "--config.model.groups=4", "--config.train.crop=8", "--config.train.batch=8",

@@ -11,6 +11,10 @@ Building blocks:
   make_sampler, make_cascade_sampler, icmg, pdt_clamp_*       sampler.py (ICMG / PDT scans)
   make_train_step, scdm_loss, fit, random_crops               training.py
   stage_band_indices, Normaliser, rgb_from_hsi                cascade.py
+  plan, fit, training_pairs, make_sampler (residual cascade)  residual.py (affine estimates
+                                                              a residual cascade's U-Nets
+                                                              add to; make_cascade(...,
+                                                              residual=True))
 
 Parameters (`params`) are always the model's "params" collection, as held by
 TrainState.params / TrainState.ema_params; `model.apply({"params": params}, ...)`.

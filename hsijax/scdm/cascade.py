@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hsijax import diffusion
+from hsijax.scdm import residual as residual_lib
 from hsijax.scdm.unet import CondUNet
 
 # Authors' RGB bands for Houston (0-based; the paper's 1-based bands 23, 12, 5).
@@ -220,8 +222,14 @@ class Cascade:
     rgb_bands: the three band indices that form the RGB condition (R, G, B order as given).
     norm_mean, norm_std: (x - mean) / std normalisation of the data (scalars or per band).
     unet: the stages' U-Net sizes.
-    prediction: what the networks output, "eps" (the paper) or "v".
+    prediction: what the networks output, "eps" (the paper), "v" or "x0".
     cond_rgb: later stages also see the RGB image (an option; the paper: off).
+    residual: each stage diffuses the residual of a per-pixel affine estimate
+      (hsijax.scdm.residual; beyond the paper): its U-Net sees the bands known so far (RGB
+      always included) and bands given as input are returned exactly.
+    estimate_only: residual stages without a U-Net (their affine estimate alone).
+    estimates: the fitted per-stage estimates of a residual cascade (`fit_estimates`, done by
+      `train`); stored in cascade.json.
     schedule, num_timesteps: the diffusion schedule the stages are trained on.
     params: per-stage network parameters (EMA weights) once trained or loaded, else None.
     steps: per-stage training step of those parameters.
@@ -237,6 +245,10 @@ class Cascade:
   cond_rgb: bool = False
   schedule: str = "linear"
   num_timesteps: int = 1000
+  residual: bool = False
+  estimate_only: tuple[int, ...] = ()
+  estimates: tuple[Any, ...] | None = dataclasses.field(default=None, compare=False,
+                                                        repr=False)
   params: tuple[Any, ...] | None = dataclasses.field(default=None, compare=False,
                                                      repr=False)
   steps: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)
@@ -257,8 +269,24 @@ class Cascade:
       raise ValueError(f"SCDM supports 1, 2 or 3 stages, got {len(self.band_sets)}")
     if self.band_sets[-1] != tuple(range(self.num_bands)):
       raise ValueError("the last stage must make all bands")
-    if self.prediction not in ("eps", "v"):
-      raise ValueError(f"prediction must be 'eps' or 'v', got {self.prediction!r}")
+    if self.prediction not in diffusion.PREDICTIONS:
+      raise ValueError(f"prediction must be one of {diffusion.PREDICTIONS}, got "
+                       f"{self.prediction!r}")
+    set_("estimate_only", tuple(sorted({int(k) for k in self.estimate_only})))
+    if self.estimate_only and not self.residual:
+      raise ValueError(f"estimate_only stages {self.estimate_only} need residual=True (only a "
+                       "residual cascade has an estimate to use alone)")
+    if any(not 0 <= k < len(self.band_sets) for k in self.estimate_only):
+      raise ValueError(f"estimate_only {self.estimate_only} names stages outside 0.."
+                       f"{len(self.band_sets) - 1}")
+    if self.estimates is not None:
+      if not self.residual:
+        raise ValueError("estimates given for a cascade without residual=True")
+      set_("estimates", tuple(e if isinstance(e, residual_lib.ResidualStage) else
+                              residual_lib.from_json(e) for e in self.estimates))
+      if [(e.cond_bands, e.given, e.new) for e in self.estimates] != self.residual_plan():
+        raise ValueError("the stored residual estimates do not match the cascade's band "
+                         "sets and RGB bands; refit them (fit_estimates)")
     if not np.all(np.asarray(self.norm_std) > 0):
       raise ValueError(f"normalisation std must be > 0, got {self.norm_std}; the training "
                        "cube (or a band of it) is constant")
@@ -273,8 +301,29 @@ class Cascade:
   def num_stages(self) -> int:
     return len(self.band_sets)
 
+  def residual_plan(self) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """[(condition bands, given bands, new bands)] per stage of a residual cascade."""
+    return residual_lib.plan(self.band_sets, self.rgb_bands)
+
+  @property
+  def network_stages(self) -> tuple[int, ...]:
+    """The stages that have a U-Net (all but the residual `estimate_only` ones)."""
+    return tuple(k for k in range(self.num_stages) if k not in self.estimate_only)
+
+  def fit_estimates(self, images: Any) -> "Cascade":
+    """A residual cascade with its affine estimates fitted on cubes (..., N) in original
+    units (hsijax.scdm.residual.fit on the normalised pixels)."""
+    if not self.residual:
+      raise ValueError("fit_estimates needs a residual cascade (make_cascade(..., "
+                       "residual=True))")
+    return dataclasses.replace(self, estimates=residual_lib.fit(
+        self.encode(images), self.band_sets, self.rgb_bands))
+
   def stage_channels(self, k: int) -> tuple[int, int]:
     """(output bands, condition channels) of stage k."""
+    if self.residual:
+      cond, _, new = self.residual_plan()[k]
+      return len(new), len(cond)
     out = len(self.band_sets[k])
     if k == 0:
       return out, 3
@@ -288,14 +337,40 @@ class Cascade:
     """Stage k's training pairs from normalised cubes (M, H, W, N): (x, condition).
 
     Stage 0 learns its bands from RGB; stage k > 0 from the TRUE bands of stage k - 1 (as
-    in the paper: stages train independently), plus RGB with cond_rgb.
+    in the paper: stages train independently), plus RGB with cond_rgb. A residual cascade
+    learns the normalised residual of its new bands (hsijax.scdm.residual.training_pairs).
     """
+    if self.residual:
+      return residual_lib.training_pairs(images_norm, self._estimate(k))[:2]
     x = images_norm[..., list(self.band_sets[k])]
     rgb = images_norm[..., list(self.rgb_bands)]
     if k == 0:
       return x, rgb
     prev = images_norm[..., list(self.band_sets[k - 1])]
     return x, (np.concatenate([prev, rgb], -1) if self.cond_rgb else prev)
+
+  def _estimate(self, k: int) -> residual_lib.ResidualStage:
+    if self.estimates is None:
+      raise ValueError("this residual cascade has no fitted estimates; call "
+                       "cascade.fit_estimates(train_cube) (hsijax.scdm.train does)")
+    return self.estimates[k]
+
+  def sam_units(self, images_norm: np.ndarray | None, k: int) -> dict[str, Any]:
+    """Stage k's map from network space to the data's units, for the SAM loss term:
+    data = sam_base + sam_offset + sam_scale * x (sam_base per pixel, only for residual
+    cascades, from `images_norm` (M, H, W, N); the others per band)."""
+    mean = np.broadcast_to(np.asarray(self.norm_mean, np.float32), (self.num_bands,))
+    std = np.broadcast_to(np.asarray(self.norm_std, np.float32), (self.num_bands,))
+    if self.residual:
+      e = self._estimate(k)
+      new = list(e.new)
+      out = {"sam_scale": std[new] * e.res_std, "sam_offset": mean[new]}
+      if images_norm is not None:
+        est = residual_lib.training_pairs(images_norm, e)[2]
+        out["sam_base"] = (std[new] * est).astype(np.float32)
+      return out
+    bands = list(self.band_sets[k])
+    return {"sam_scale": std[bands], "sam_offset": mean[bands]}
 
   # -- units ------------------------------------------------------------------------------
 
@@ -336,8 +411,11 @@ class Cascade:
         "norm_std": self.norm_std if isinstance(self.norm_std, float) else list(self.norm_std),
         "model": {**{f.name: (list(v) if isinstance(v := getattr(self.unet, f.name), tuple)
                               else v) for f in dataclasses.fields(UNetSettings)},
-                  "prediction": self.prediction, "cond_rgb": self.cond_rgb},
+                  "prediction": self.prediction, "cond_rgb": self.cond_rgb,
+                  "residual": self.residual, "estimate_only": list(self.estimate_only)},
         "diffusion": {"schedule": self.schedule, "num_timesteps": self.num_timesteps},
+        **({"estimates": [residual_lib.to_json(e) for e in self.estimates]}
+           if self.estimates is not None else {}),
     }
 
   @classmethod
@@ -350,17 +428,23 @@ class Cascade:
                unet=UNetSettings(**unet), prediction=str(model.get("prediction", "eps")),
                cond_rgb=bool(model.get("cond_rgb", False)),
                schedule=str(d["diffusion"]["schedule"]),
-               num_timesteps=int(d["diffusion"]["num_timesteps"]))
+               num_timesteps=int(d["diffusion"]["num_timesteps"]),
+               residual=bool(model.get("residual", False)),
+               estimate_only=tuple(model.get("estimate_only", ())),
+               estimates=d.get("estimates"))
 
 
 def make_cascade(num_bands: int, *, rgb_bands: Sequence[int], num_stages: int = 2,
                  counts: Sequence[int] | None = None, norm_mean: Any = 0.0,
                  norm_std: Any = 1.0, unet: UNetSettings | dict | None = None,
                  prediction: str = "eps", cond_rgb: bool = False, schedule: str = "linear",
-                 num_timesteps: int = 1000) -> Cascade:
+                 num_timesteps: int = 1000, residual: bool = False,
+                 estimate_only: Sequence[int] = ()) -> Cascade:
   """A Cascade with the paper's band split (or explicit bands per stage, `counts`).
 
   Use `Normaliser.fit(train_cube, per_band)` for data-derived norm_mean / norm_std.
+  residual=True makes a residual cascade (hsijax.scdm.residual; `train` fits its affine
+  estimates), estimate_only its stages without a U-Net.
   """
   if num_stages not in (1, 2, 3):
     raise ValueError(f"SCDM supports 1, 2 or 3 stages, got {num_stages}")
@@ -374,5 +458,6 @@ def make_cascade(num_bands: int, *, rgb_bands: Sequence[int], num_stages: int = 
   return Cascade(num_bands=int(num_bands), band_sets=stage_band_indices(
       int(num_bands), num_stages, counts), rgb_bands=tuple(rgb_bands), norm_mean=norm_mean,
                  norm_std=norm_std, unet=unet or UNetSettings(), prediction=prediction,
-                 cond_rgb=cond_rgb, schedule=schedule, num_timesteps=int(num_timesteps))
+                 cond_rgb=cond_rgb, schedule=schedule, num_timesteps=int(num_timesteps),
+                 residual=bool(residual), estimate_only=tuple(estimate_only))
 

@@ -4,8 +4,13 @@ The cube is cut into four equal quadrants; three train, the fourth (default the 
 is sampled from its RGB bands and scored against its true bands. The per-pixel affine
 least-squares map from RGB (`hsijax.linear_baseline`) fitted on the training quadrants is the
 baseline any generative model has to beat. Scores are `hsijax.metrics.reconstruction_metrics`
-on all N bands and on the N - 3 bands that are not RGB inputs (the linear map returns its
-inputs exactly, which inflates its all-band MPSNR).
+on all N bands and on the N - 3 bands that are not RGB inputs.
+
+All-band MPSNR rule: a method that returns its input bands exactly (a residual cascade, and the
+linear map up to float rounding) has an infinite (or ~150 dB) PSNR on them, so the all-band
+MPSNR caps every band's PSNR at PSNR_CAP_DB = 100 dB before averaging (`capped_mpsnr`, for
+every row alike); SAM, MSSIM and RMSE are unchanged. The headline comparison is the table of
+the N - 3 non-input bands, which no copying can inflate.
 """
 from __future__ import annotations
 
@@ -20,6 +25,13 @@ from hsijax.scdm.cascade import Cascade
 
 QUADRANT_NAMES = ("top-left", "top-right", "bottom-left", "bottom-right")
 METRIC_KEYS = ("mpsnr", "sam_deg", "sam_rad", "mssim", "rmse")
+PSNR_CAP_DB = 100.0
+
+
+def capped_mpsnr(reference: np.ndarray, x: np.ndarray, cap: float = PSNR_CAP_DB) -> float:
+  """Mean over bands of min(PSNR_b, cap) (hsijax.metrics.psnr_per_band): finite when some
+  bands are exact copies of the reference."""
+  return float(np.mean(np.minimum(np.asarray(metrics.psnr_per_band(reference, x)), cap)))
 
 
 def quadrants(cube: np.ndarray) -> list[np.ndarray]:
@@ -62,9 +74,11 @@ def linear_map(train: np.ndarray, rgb_bands: Sequence[int], rgb: np.ndarray) -> 
 
 def score(reference: np.ndarray, outputs: dict[str, np.ndarray], rgb_bands: Sequence[int]
           ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-  """(scores on all bands, scores on the bands that are not RGB inputs) per output."""
+  """(scores on all bands, scores on the bands that are not RGB inputs) per output; the
+  all-band MPSNR is `capped_mpsnr` (see the module docstring)."""
   gen = generated_bands(reference.shape[-1], rgb_bands)
-  return ({n: metrics.reconstruction_metrics(reference, x) for n, x in outputs.items()},
+  return ({n: metrics.reconstruction_metrics(reference, x) | {
+      "mpsnr": capped_mpsnr(reference, x)} for n, x in outputs.items()},
           {n: metrics.reconstruction_metrics(reference[..., gen], x[..., gen])
            for n, x in outputs.items()})
 

@@ -29,6 +29,7 @@ from hsijax import diffusion, fileio, progress, sharding, tiling
 from hsijax import policy as policy_lib
 from hsijax import settings as settings_lib
 from hsijax.checkpoint import Checkpointer
+from hsijax.scdm import residual as residual_lib
 from hsijax.scdm import sampler as sampler_lib
 from hsijax.scdm import training as train_lib
 from hsijax.scdm import unet as unet_lib
@@ -48,7 +49,9 @@ class StageTrainSettings(settings_lib.Settings):
   factor), lr, lr_schedule ("constant" | "cosine": decays to 1% over the run's steps),
   ema_decay, ema_start (EMA = weights before this step), loss_type ("l1" the authors' code |
   "mse" the paper's text), sam_weight, cond_drop (probability of a zero condition, for
-  ICMG), checkpoint_every, max_to_keep, log_every.
+  ICMG), sam_space ("normalised": the SAM term on the network's normalised bands, the
+  authors' code | "data": in the data's own units, what the SAM metric measures),
+  checkpoint_every, max_to_keep, log_every.
   """
   WHAT: ClassVar[str] = "SCDM training"
   batch: int = 4
@@ -60,6 +63,7 @@ class StageTrainSettings(settings_lib.Settings):
   loss_type: str = "l1"
   sam_weight: float = 1.0
   cond_drop: float = 0.1
+  sam_space: str = "normalised"
   checkpoint_every: int = 5000
   max_to_keep: int = 2
   log_every: int = 100
@@ -67,6 +71,8 @@ class StageTrainSettings(settings_lib.Settings):
   def __post_init__(self):
     if self.lr_schedule not in ("constant", "cosine"):
       raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+    if self.sam_space not in ("normalised", "data"):
+      raise ValueError(f"sam_space must be 'normalised' or 'data', got {self.sam_space!r}")
     if self.loss_type not in train_lib.LOSS_TYPES:
       raise ValueError(f"loss_type must be one of {train_lib.LOSS_TYPES}, got "
                        f"{self.loss_type!r}")
@@ -192,6 +198,9 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
   Returns (EMA params, info {"final_loss", "steps", "seconds", "num_bands", "num_params",
   "history"}).
   """
+  if k in cascade.estimate_only:
+    raise ValueError(f"stage {k} is estimate-only (its affine estimate alone, no U-Net to "
+                     "train); train the other stages")
   t0 = time.perf_counter()
   s = settings
   mesh = sharding.make_mesh() if mesh is None else mesh
@@ -202,11 +211,18 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
                      "multiple of the device count)")
   out, _ = cascade.stage_channels(k)
   x, cond = cascade.stage_pairs(images_norm, k)
+  sam = {}
+  if s.sam_space == "data":
+    sam = cascade.sam_units(images_norm if batches is None else None, k)
   stage_batches = None
   if batches is not None:
     def stage_batches(step):
-      x_b, c_b = cascade.stage_pairs(cascade.encode(batches(step)["cube"]), k)
-      return {"x": x_b, "cond": c_b}
+      cube_norm = cascade.encode(batches(step)["cube"])
+      x_b, c_b = cascade.stage_pairs(cube_norm, k)
+      b = {"x": x_b, "cond": c_b}
+      if s.sam_space == "data" and cascade.residual:
+        b["sam_base"] = cascade.sam_units(cube_norm, k)["sam_base"]
+      return b
   state, history = train_lib.fit(
       cascade.stage_model(k, policy), x, cond,
       schedule=diffusion.make_schedule(cascade.schedule, cascade.num_timesteps),
@@ -218,7 +234,7 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
       log_every=int(s.log_every), desc=f"stage {k} ({out} bands)",
       prediction=cascade.prediction,
       lr_decay_steps=int(steps) if s.lr_schedule == "cosine" else 0, policy=policy,
-      batches=stage_batches)
+      batches=stage_batches, **sam)
   info = {"final_loss": history["loss"][-1] if history["loss"] else None,
           "steps": int(np.asarray(state.step)), "seconds": time.perf_counter() - t0,
           "num_bands": out, "num_params": int(sum(np.size(p) for p in
@@ -240,6 +256,8 @@ def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
     key: PRNG key or int seed; stage k trains with fold_in(key, k).
     workdir: folder for cascade.json and stage{k}/checkpoints; None = in memory only.
     stages: which stages to train (default all); others are loaded from workdir if there.
+      Estimate-only stages of a residual cascade have nothing to train and are skipped; a
+      residual cascade's affine estimates are fitted on `images` first (unless given).
     mesh: devices (default all); batches are sharded over "data".
     policy: platform choices (hsijax.policy; None = the running backend's).
     batches: instead of cropping `images`, batches(step) -> {"cube": (n, crop, crop, N)}
@@ -262,6 +280,9 @@ def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
   if bad:
     raise ValueError(f"stage(s) {bad} do not exist; the cascade has stages 0.."
                      f"{cascade.num_stages - 1}")
+  stages = [k for k in stages if k not in cascade.estimate_only]
+  if cascade.residual and cascade.estimates is None:
+    cascade = cascade.fit_estimates(images)
   key = settings_lib.as_key(key)
   if workdir is not None:
     workdir = pathlib.Path(workdir)
@@ -278,6 +299,7 @@ def train(cascade: Cascade, images: Any, *, steps: int, key: Any,
                                                key=jax.random.fold_in(key, k), settings=s,
                                                workdir=workdir, mesh=mesh, policy=policy,
                                                batches=batches)
+  params.update({k: None for k in cascade.estimate_only})
   missing = [k for k in range(cascade.num_stages) if k not in params]
   if missing and workdir is not None and all(_has_checkpoint(workdir, k) for k in missing):
     loaded = load(workdir)
@@ -308,8 +330,15 @@ def load(workdir: str | pathlib.Path, *, use_ema: bool = True) -> Cascade:
     raise FileNotFoundError(f"{workdir} holds no trained SCDM ({CASCADE_FILE} is missing); "
                             f"train the stages first: {TRAIN_COMMAND}")
   cascade = found[0]
+  if cascade.residual and cascade.estimates is None:
+    raise ValueError(f"{workdir / CASCADE_FILE} describes a residual cascade without its "
+                     "fitted estimates; train it again in a new workdir")
   params, steps = [], []
   for k in range(cascade.num_stages):
+    if k in cascade.estimate_only:
+      params.append(None)  # the affine estimate alone: nothing to restore
+      steps.append(0)
+      continue
     if not _has_checkpoint(workdir, k):
       raise FileNotFoundError(
           f"stage {k} of the cascade has no checkpoint in {stage_dir(workdir, k)}; train it "
@@ -336,6 +365,20 @@ def _runner(cascade: Cascade, stage_settings: tuple[sampler_lib.SamplerSettings,
   sched = diffusion.make_respaced_schedule(cascade.schedule, cascade.num_timesteps, num_steps,
                                            respacing)
   models = [cascade.stage_model(k, policy) for k in range(cascade.num_stages)]
+  if cascade.residual:
+    every = policy_lib.resolve(policy).progress_every
+    fns, offset = [], 0
+    for k, (model, st) in enumerate(zip(models, stage_settings)):
+      if k in cascade.estimate_only:
+        fns.append(None)
+        continue
+      fns.append(sampler_lib._stage_sampler(model, sched, sampler_lib.as_settings(st), offset,
+                                            every, cascade.prediction))
+      offset += sched.num_steps
+    fn = residual_lib.make_sampler(fns, cascade.residual_plan(), cascade.num_bands,
+                                   cascade.rgb_bands)
+    rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
+    return jax.jit(fn, in_shardings=(rep, data, rep), out_shardings=data), offset
   fn = sampler_lib.make_cascade_sampler(models, [sched] * len(models), list(stage_settings),
                                         include_rgb=cascade.cond_rgb,
                                         prediction=cascade.prediction, jit=False,
@@ -384,7 +427,8 @@ def sample(cascade: Cascade, rgb: Any, *, key: Any, stages: Sequence[Any] | None
       tiles_per_call).
 
   Returns:
-    (H, W, N) float32 cube in the data's original units.
+    (H, W, N) float32 cube in the data's original units. A residual cascade returns the RGB
+    input bands exactly (the input values are copied into `rgb_bands`).
   """
   if cascade.params is None:
     raise ValueError("the cascade has no parameters; train it (hsijax.scdm.train) or load "
@@ -415,12 +459,18 @@ def sample(cascade: Cascade, rgb: Any, *, key: Any, stages: Sequence[Any] | None
   mesh = sharding.make_mesh() if mesh is None else mesh
   settings_k = stage_settings(stages, cascade.num_stages, s.method, s.eta)
   run, total = _runner(cascade, settings_k, s.num_steps, s.respacing, mesh, policy)
-  params = sharding.replicate(list(cascade.params), mesh)
+  params = list(cascade.params)
+  if cascade.residual:
+    params = [(p, residual_lib.arrays(e)) for p, e in zip(params, cascade.estimates)]
+  params = sharding.replicate(params, mesh)
   key = settings_lib.as_key(key)
   grid = tiling.make_grid(hp, wp, tile, overlap, multiple=factor)
   with contextlib.nullcontext() if show_progress else progress.silenced():
     x = tiling.map_tiles(lambda c, _, tiles: run(params, tiles, jax.random.fold_in(key, c)),
                          grid, [(rgb_norm, 1)], tiles_per_call=int(s.tiles_per_call),
                          mesh=mesh, desc="SCDM tiles", steps_per_call=total)
-  return cascade.decode(x[:h, :w])
+  x = cascade.decode(x[:h, :w])
+  if cascade.residual:  # the input bands exactly, not through encode / decode rounding
+    x[..., list(cascade.rgb_bands)] = rgb
+  return x
 

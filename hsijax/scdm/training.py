@@ -9,10 +9,17 @@ Per step, for a batch {"x": (N, H, W, C) clean target bands, "cond": (N, H, W, C
   loss     = L1 or MSE(eps, eps_pred) + sam_weight (1 - mean_pixels cos(x0_pred, x0))
 
 With prediction="v" the network outputs v_pred for v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0,
-the first term compares v_pred with v and x0_pred = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_pred.
+the first term compares v_pred with v and x0_pred = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_pred;
+with prediction="x0" the network outputs x0_pred itself and the first term compares it with x0.
 (Why: an eps-model's x0 is (x_t - sqrt(1 - abar) eps_pred) / sqrt(abar), which multiplies eps
 errors by up to 156 at t = T; short training runs cannot fit eps that precisely, while a
 v-model's x0 error stays bounded. The paper uses eps.)
+
+SAM in the data's units (sam_scale given): the SAM term compares base + offset + scale * x0
+with the same map of x0_pred (per band offset / scale, base an optional per-pixel image, the
+"sam_base" entry of the batch: the affine estimate of a residual stage). In per-band
+normalised units the angle is one between mean-removed spectra, ill-defined for average
+pixels; the metric measures it in the data's units.
 
 then Adam (lr 1e-4) and the EMA of the weights: ema = params while step < ema_start, then
 ema <- decay ema + (1 - decay) params (the authors' code: copy before 2k steps, 0.9999 after).
@@ -112,12 +119,14 @@ def drop_condition(key: jax.Array, cond: jax.Array, rate: float) -> jax.Array:
 def compute_loss(params: Any, model: CondUNet, schedule: diffusion.Schedule,
                  batch: Mapping[str, jax.Array], key: jax.Array, *, loss_type: str = "l1",
                  sam_weight: float = 1.0, cond_drop: float = 0.1, train: bool = True,
-                 prediction: str = "eps") -> tuple[jax.Array, dict[str, jax.Array]]:
+                 prediction: str = "eps", sam_scale: Any = None,
+                 sam_offset: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """(loss, aux) for one batch; aux holds the loss terms and the drawn t / eps / condition.
 
-  prediction: what the network outputs, "eps" (the paper) or "v" (sqrt(abar) eps -
-  sqrt(1 - abar) x0). The L1 / MSE term compares the output with that target; the SAM term
-  always uses the implied x0.
+  prediction: what the network outputs, "eps" (the paper), "v" (sqrt(abar) eps -
+  sqrt(1 - abar) x0) or "x0". The L1 / MSE term compares the output with that target; the
+  SAM term always uses the implied x0 (in the data's units when sam_scale is given: see the
+  module docstring).
   """
   x0 = jnp.asarray(batch["x"], jnp.float32)
   cond = jnp.asarray(batch["cond"], jnp.float32)
@@ -133,9 +142,18 @@ def compute_loss(params: Any, model: CondUNet, schedule: diffusion.Schedule,
   elif prediction == "v":
     target, x0_pred = (diffusion.v_target(schedule, x0, i, eps),
                        diffusion.x0_from_v(schedule, x_t, i, out))
+  elif prediction == "x0":
+    target, x0_pred = x0, out
   else:
     raise ValueError(f"unknown prediction {prediction!r}; use one of {diffusion.PREDICTIONS}")
-  terms = loss_terms(target, out, x0, x0_pred, loss_type)
+  if sam_scale is not None:
+    base = jnp.asarray(batch["sam_base"], jnp.float32) if "sam_base" in batch else 0.0
+    off = 0.0 if sam_offset is None else jnp.asarray(sam_offset, jnp.float32)
+    sc = jnp.asarray(sam_scale, jnp.float32)
+    terms = loss_terms(target, out, base + off + sc * x0, base + off + sc * x0_pred,
+                       loss_type)
+  else:
+    terms = loss_terms(target, out, x0, x0_pred, loss_type)
   loss = terms["eps"] + sam_weight * terms["sam"]
   return loss, {"eps_loss": terms["eps"], "sam_loss": terms["sam"], "i": i, "eps": eps,
                 "cond": cond}
@@ -152,7 +170,8 @@ def make_train_step(model: CondUNet, schedule: diffusion.Schedule,
                     optimizer: optax.GradientTransformation, *, loss_type: str = "l1",
                     sam_weight: float = 1.0, cond_drop: float = 0.1,
                     ema_decay: float = 0.9999, ema_start: int = 2000,
-                    prediction: str = "eps", jit: bool = True):
+                    prediction: str = "eps", jit: bool = True, sam_scale: Any = None,
+                    sam_offset: Any = None):
   """Builds train_step(state, batch {"x", "cond"}, key) -> (state, metrics).
 
   Pure; metrics = {"loss", "eps_loss", "sam_loss"} of the parameters before the update.
@@ -169,7 +188,7 @@ def make_train_step(model: CondUNet, schedule: diffusion.Schedule,
   def loss_fn(params, batch, key):
     return compute_loss(params, model, schedule, batch, key, loss_type=loss_type,
                         sam_weight=sam_weight, cond_drop=cond_drop, train=True,
-                        prediction=prediction)
+                        prediction=prediction, sam_scale=sam_scale, sam_offset=sam_offset)
 
   def train_step(state: TrainState, batch, key):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
@@ -264,7 +283,9 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
         log_every: int = 100, desc: str = "SCDM stage",
         prediction: str = "eps", lr_decay_steps: int = 0,
         policy: policy_lib.Policy | None = None,
-        batches: Callable[[int], dict] | None = None) -> tuple[TrainState, dict]:
+        batches: Callable[[int], dict] | None = None, sam_scale: Any = None,
+        sam_offset: Any = None, sam_base: np.ndarray | None = None
+        ) -> tuple[TrainState, dict]:
   """Trains one stage with hsijax.trainloop.run; resumes from workdir/checkpoints.
 
   The images live on the devices (replicated) and every step crops its batch there
@@ -294,6 +315,9 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
       the step's batch from a host pipeline (e.g. `hsijax.datasets.scdm_crop_batches` over
       a TFDS dataset); a pure function of the step, so a resumed run reads the same
       batches. x_images / cond_images then only give the channel counts.
+    sam_scale, sam_offset, sam_base: the SAM term in the data's units (see the module
+      docstring): per-band (C,) scale and offset, and (M, H, W, C) per-pixel base images
+      cropped with x (with `batches`, their "sam_base" entry instead).
 
   Returns:
     (final TrainState, history {"step": [...], "loss": [...]}).
@@ -316,7 +340,8 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
   state = sharding.replicate(state, mesh)
   step = make_train_step(model, schedule, optimizer, loss_type=loss_type,
                          sam_weight=sam_weight, cond_drop=cond_drop, ema_decay=ema_decay,
-                         ema_start=ema_start, prediction=prediction, jit=False)
+                         ema_start=ema_start, prediction=prediction, jit=False,
+                         sam_scale=sam_scale, sam_offset=sam_offset)
   rep, data = sharding.replicated(mesh), sharding.data_sharded(mesh)
 
   def run(state, count, images, step_key, crop_key):
@@ -334,6 +359,8 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
                   donate_argnums=(0,) if policy.donate else ())
     images = {"x": sharding.put_global(x_images, rep),
               "cond": sharding.put_global(cond_images, rep)}
+    if sam_base is not None:
+      images["sam_base"] = sharding.put_global(np.asarray(sam_base, np.float32), rep)
     step_fn = lambda st, count: run(st, count, images, *keys)
   else:
     def one_host(state, b):
