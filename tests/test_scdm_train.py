@@ -88,7 +88,7 @@ def test_v_prediction_loss_matches_numpy(setup):
   eps_loss = np_loss(batch["x"], eps, v_pred, a[:, 0, 0, 0], "mse", 0.7)
   assert abs(eps_loss - want) > 1e-3
   with pytest.raises(ValueError, match="prediction"):
-    train.make_train_step(model, SCHED, train.make_optimizer(), prediction="x0")
+    train.make_train_step(model, SCHED, train.make_optimizer(), prediction="x1")
 
 
 def test_train_step_reports_loss_and_ema_starts_after_ema_start(setup):
