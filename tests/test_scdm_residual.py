@@ -218,3 +218,25 @@ def test_tiny_preset_entry_points_residual(tmp_path):
   np.testing.assert_array_equal(x[..., list(RGB)], held_out[..., list(RGB)])
   assert np.isfinite(out["mpsnr"]) and "generated_bands" in out
   np.testing.assert_allclose(out["rmse"], np.sqrt(np.mean((held_out - x) ** 2.0)), rtol=1e-5)
+
+
+def test_residual_training_from_host_batches():
+  """batches(step) -> {"cube": crops in original units} (the TFDS path): the stage's residual
+  pairs and, with sam_space="data", its per-pixel sam_base are built from each batch."""
+  cube = _cube(16, 16)
+  casc = _residual_cascade(cube, estimate_only=(1,))
+  seen = []
+
+  def batches(step):
+    seen.append(step)
+    rng = np.random.default_rng(step)
+    r, c = rng.integers(0, 9, 2)
+    return {"cube": np.stack([cube[r:r + 8, c:c + 8]] * 8)}
+
+  trained = scdm.train(casc, cube, steps=2, key=0, crop=8, batch=8, sam_space="data",
+                       batches=batches, log_every=1)
+  assert seen and trained.params[0] is not None and trained.params[1] is None
+  assert np.isfinite(trained.info["stage0"]["final_loss"])
+  x = scdm.sample(trained, cube[..., list(RGB)], key=0, method="ddim", num_steps=2, tile=8,
+                  show_progress=False)
+  assert x.shape == cube.shape and np.all(np.isfinite(x))
