@@ -77,6 +77,12 @@ def test_presets_follow_the_paper():
   assert p.data.num_bands == 102 and [s.pdt_p_T for s in p.stages] == [0.97, 0.90]
   assert p.data.norm_mean is None  # measured on the data
   assert len(scdm_config.get_config("tiny,stages=1").stages) == 1
+  # The authors' code as one named option; the paper-text settings stay the default.
+  a = scdm_config.get_config("paper_houston,authors,stages=3")
+  assert [(s.guidance_scale, s.pdt_target, s.pdt_p_T) for s in a.stages] == \
+      [(2.5, "x", 0.96)] * 3
+  assert scdm.StageTrainSettings(**scdm_config.train_settings(a)).param_init == "torch"
+  assert c.train.param_init == "flax"
   assert len(scdm_config.get_config("tiny,stages=3").stages) == 3
   # 3 stages: the eq. 12 rule by default, the paper's ablation counts in the paper presets.
   cube48 = np.random.default_rng(0).uniform(1, 2, (1, 8, 8, 48))

@@ -234,6 +234,27 @@ def test_init_params_matches_flax_init_structure_and_distribution():
   np.testing.assert_array_equal(same["conv_out"]["kernel"], p["conv_out"]["kernel"])
 
 
+def test_init_params_torch_scheme_is_pytorch_layer_defaults():
+  """kernels and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)) of their layer (std 1/sqrt(3
+  fan_in): sqrt(3) below flax's), GroupNorm scale 1 / bias 0, one draw per key."""
+  model = CondUNet(out_channels=4, **TINY)
+  p = unet.init_params(model, jax.random.key(0), (1, 16, 16, 4), (1, 16, 16, 3), "torch")
+  flax_p = _init(model)
+  assert jax.tree_util.tree_structure(p) == jax.tree_util.tree_structure(flax_p)
+  layer = p["decoder"]["level1_res0"]["conv1"]
+  fan_in = 9 * 48
+  k, b = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
+  assert np.abs(k).max() <= 1 / np.sqrt(fan_in) + 1e-7 and np.abs(b).max() <= 1 / np.sqrt(fan_in)
+  assert abs(k.std() * np.sqrt(3 * fan_in) - 1.0) < 0.05
+  assert abs(np.asarray(flax_p["decoder"]["level1_res0"]["conv1"]["kernel"]).std()
+             / k.std() - np.sqrt(3)) < 0.1
+  assert np.abs(b).max() > 0.3 / np.sqrt(fan_in)  # biases drawn, not zero
+  np.testing.assert_array_equal(p["norm_out"]["scale"], 1.0)
+  np.testing.assert_array_equal(p["norm_out"]["bias"], 0.0)
+  with pytest.raises(ValueError, match="unknown parameter init"):
+    unet.init_params(model, jax.random.key(0), (1, 16, 16, 4), (1, 16, 16, 3), "kaiming")
+
+
 def test_group_count_caps_to_divisor():
   assert unet.group_count(256, 32) == 32
   assert unet.group_count(24, 32) == 24

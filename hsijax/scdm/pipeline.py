@@ -51,7 +51,8 @@ class StageTrainSettings(settings_lib.Settings):
   "mse" the paper's text), sam_weight, cond_drop (probability of a zero condition, for
   ICMG), sam_space ("normalised": the SAM term on the network's normalised bands, the
   authors' code | "data": in the data's own units, what the SAM metric measures),
-  checkpoint_every, max_to_keep, log_every.
+  param_init ("flax" | "torch": PyTorch's layer initialisation, the authors' code; see
+  `unet.init_params`), checkpoint_every, max_to_keep, log_every.
   """
   WHAT: ClassVar[str] = "SCDM training"
   batch: int = 4
@@ -64,6 +65,7 @@ class StageTrainSettings(settings_lib.Settings):
   sam_weight: float = 1.0
   cond_drop: float = 0.1
   sam_space: str = "normalised"
+  param_init: str = "flax"
   checkpoint_every: int = 5000
   max_to_keep: int = 2
   log_every: int = 100
@@ -73,6 +75,9 @@ class StageTrainSettings(settings_lib.Settings):
       raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
     if self.sam_space not in ("normalised", "data"):
       raise ValueError(f"sam_space must be 'normalised' or 'data', got {self.sam_space!r}")
+    if self.param_init not in unet_lib.PARAM_INITS:
+      raise ValueError(f"param_init must be one of {unet_lib.PARAM_INITS}, got "
+                       f"{self.param_init!r}")
     if self.loss_type not in train_lib.LOSS_TYPES:
       raise ValueError(f"loss_type must be one of {train_lib.LOSS_TYPES}, got "
                        f"{self.loss_type!r}")
@@ -234,7 +239,7 @@ def train_stage(cascade: Cascade, images_norm: np.ndarray, k: int, *, steps: int
       log_every=int(s.log_every), desc=f"stage {k} ({out} bands)",
       prediction=cascade.prediction,
       lr_decay_steps=int(steps) if s.lr_schedule == "cosine" else 0, policy=policy,
-      batches=stage_batches, **sam)
+      batches=stage_batches, param_init=s.param_init, **sam)
   info = {"final_loss": history["loss"][-1] if history["loss"] else None,
           "steps": int(np.asarray(state.step)), "seconds": time.perf_counter() - t0,
           "num_bands": out, "num_params": int(sum(np.size(p) for p in

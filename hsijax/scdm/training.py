@@ -67,9 +67,10 @@ def make_optimizer(learning_rate: float = 1e-4, decay_steps: int = 0,
 
 def init_train_state(model: CondUNet, optimizer: optax.GradientTransformation,
                      key: jax.Array, x_shape: Sequence[int],
-                     cond_shape: Sequence[int]) -> TrainState:
-  """Step 0: fresh parameters (unet.init_params), EMA = parameters, optimiser state."""
-  params = init_params(model, key, x_shape, cond_shape)
+                     cond_shape: Sequence[int], param_init: str = "flax") -> TrainState:
+  """Step 0: fresh parameters (unet.init_params with `param_init`), EMA = parameters,
+  optimiser state."""
+  params = init_params(model, key, x_shape, cond_shape, param_init)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     ema_params=jax.tree_util.tree_map(jnp.copy, params),
                     opt_state=optimizer.init(params))
@@ -284,8 +285,8 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
         prediction: str = "eps", lr_decay_steps: int = 0,
         policy: policy_lib.Policy | None = None,
         batches: Callable[[int], dict] | None = None, sam_scale: Any = None,
-        sam_offset: Any = None, sam_base: np.ndarray | None = None
-        ) -> tuple[TrainState, dict]:
+        sam_offset: Any = None, sam_base: np.ndarray | None = None,
+        param_init: str = "flax") -> tuple[TrainState, dict]:
   """Trains one stage with hsijax.trainloop.run; resumes from workdir/checkpoints.
 
   The images live on the devices (replicated) and every step crops its batch there
@@ -318,6 +319,8 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
     sam_scale, sam_offset, sam_base: the SAM term in the data's units (see the module
       docstring): per-band (C,) scale and offset, and (M, H, W, C) per-pixel base images
       cropped with x (with `batches`, their "sam_base" entry instead).
+    param_init: "flax" or "torch" (PyTorch's layer defaults, as the authors' code;
+      `unet.init_params`).
 
   Returns:
     (final TrainState, history {"step": [...], "loss": [...]}).
@@ -336,7 +339,7 @@ def fit(model: CondUNet, x_images: np.ndarray, cond_images: np.ndarray, *,
   init_key, step_key, crop_key = jax.random.split(settings_lib.as_key(key), 3)
   state = init_train_state(model, optimizer, init_key,
                            (1, crop_size, crop_size, x_images.shape[-1]),
-                           (1, crop_size, crop_size, cond_images.shape[-1]))
+                           (1, crop_size, crop_size, cond_images.shape[-1]), param_init)
   state = sharding.replicate(state, mesh)
   step = make_train_step(model, schedule, optimizer, loss_type=loss_type,
                          sam_weight=sam_weight, cond_drop=cond_drop, ema_decay=ema_decay,

@@ -395,9 +395,12 @@ class CondUNet(nn.Module):
 _TRUNC_STD = 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2] (flax's correction)
 
 
+PARAM_INITS = ("flax", "torch")
+
+
 def init_params(model: CondUNet, key: jax.Array, x_shape: Sequence[int],
-                cond_shape: Sequence[int]) -> dict:
-  """The "params" collection with flax's default initialisers, drawn in ONE random call.
+                cond_shape: Sequence[int], scheme: str = "flax") -> dict:
+  """The "params" collection with flax's (or PyTorch's) default initialisers, in ONE draw.
 
   Same structure and distributions as `model.init` (kernels lecun-normal truncated at 2
   std, biases 0, GroupNorm scales 1), but all kernels come from one uniform draw
@@ -411,11 +414,17 @@ def init_params(model: CondUNet, key: jax.Array, x_shape: Sequence[int],
     x_shape: (N, H, W, out_channels) of an example input (any valid N, H, W gives the
       same parameters).
     cond_shape: (N, H, W, C_cond).
+    scheme: "flax" (lecun-normal kernels, zero biases) or "torch" (PyTorch's nn.Linear /
+      nn.Conv2d defaults, the authors' layers: kernels and biases uniform in
+      +-1 / sqrt(fan_in), fan_in of the layer's kernel; kernels sqrt(3) smaller in std than
+      flax's). GroupNorm scales are 1 and its biases 0 in both.
 
   Returns:
     params such that model.apply({"params": params}, x, cond, t) works (what
     TrainState.params holds and what the samplers take).
   """
+  if scheme not in PARAM_INITS:
+    raise ValueError(f"unknown parameter init {scheme!r}; use one of {PARAM_INITS}")
   abstract = jax.eval_shape(
       model.init, jax.random.key(0), jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
       jax.ShapeDtypeStruct(tuple(cond_shape), jnp.float32),
@@ -426,11 +435,28 @@ def init_params(model: CondUNet, key: jax.Array, x_shape: Sequence[int],
   if unknown:
     raise ValueError(f"init_params knows kernel/bias/scale leaves only, found {unknown}; "
                      "use model.init for this module")
-  sizes = [int(np.prod(leaf.shape)) if name == "kernel" else 0
-           for name, (_, leaf) in zip(names, leaves)]
+  # A bias's fan_in is its layer's kernel's (the sibling leaf); GroupNorm biases have none.
+  kernel_fan_in = {tuple(path[:-1]): int(np.prod(leaf.shape[:-1]))
+                   for name, (path, leaf) in zip(names, leaves) if name == "kernel"}
+  bias_fan_in = [kernel_fan_in.get(tuple(path[:-1])) if name == "bias" else None
+                 for name, (path, _) in zip(names, leaves)]
+  drawn = [name == "kernel" or (scheme == "torch" and fan is not None)
+           for name, fan in zip(names, bias_fan_in)]
+  sizes = [int(np.prod(leaf.shape)) if d else 0 for d, (_, leaf) in zip(drawn, leaves)]
 
   @jax.jit
   def build(key):
+    if scheme == "torch":
+      u = jax.random.uniform(key, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0)
+      out, offset = [], 0
+      for name, size, fan, (_, leaf) in zip(names, sizes, bias_fan_in, leaves):
+        if size:
+          fan_in = int(np.prod(leaf.shape[:-1])) if name == "kernel" else fan
+          out.append(u[offset:offset + size].reshape(leaf.shape) / np.sqrt(fan_in))
+          offset += size
+        else:
+          out.append((jnp.ones if name == "scale" else jnp.zeros)(leaf.shape, leaf.dtype))
+      return out
     lo, hi = jax.scipy.special.erf(-2 / np.sqrt(2)), jax.scipy.special.erf(2 / np.sqrt(2))
     u = jax.random.uniform(key, (max(sum(sizes), 1),), jnp.float32, lo, hi)
     z = np.sqrt(2) * jax.scipy.special.erfinv(u)
