@@ -82,7 +82,7 @@ def test_v_parameterisation_closed_forms_and_roundtrip():
   assert np.max(np.abs(diffusion.x0_from_v(s, x_t, i, v + dv) - x0)) <= 0.1 + 1e-5
   assert np.max(np.abs(diffusion.x0_from_eps(s, x_t, i, eps + dv) - x0)) > 10.0
   with pytest.raises(ValueError, match="prediction"):
-    diffusion.eps_from_prediction(s, x_t, i, v, "x0")
+    diffusion.eps_from_prediction(s, x_t, i, v, "x1")
 
 
 def test_ddpm_step_noise_scale_and_last_step_deterministic():
