@@ -170,6 +170,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.blind.steps = config_dict.placeholder(int)  # None -> budgets[budget].blind_steps
   c.blind.lr = config_dict.placeholder(float)   # None -> budgets[budget].blind_lr
   c.blind.psf_size = config_dict.placeholder(int)  # None -> 2 * ratio - 1
+  c.blind.crop = 256  # fit on the central crop x crop LR pixels (0 = whole scene)
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""        # evaluate_sdp / train_sdm: one cube file (.npz / .mat / .h5 / .tif)
@@ -182,6 +183,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.msi = ""         # fuse: HR-MSI FILE[:KEY], (H, W, b)
   c.data.reference = ""   # fuse: optional full-resolution reference FILE[:KEY], (H, W, B)
   c.data.train_pixels = ""  # fuse: optional clean spectra FILE[:KEY], (N, B) or (h, w, B)
+  c.data.max_train_pixels = 262144  # fuse: LR-HSI pixels the prior trains on (all if fewer)
   c.data.psf = ""         # fuse: optional known PSF FILE[:KEY], (k, k)
   c.data.srf = ""         # fuse: optional known SRF FILE[:KEY], (b, B)
   c.data.wavelengths_nm = ""  # "START:STOP" band-centre range when the file has none
@@ -267,6 +269,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                            ("train.decay_steps", c.train.decay_steps, 1),
                            ("solver.num_steps", c.solver.num_steps, 1),
                            ("solver.K", c.solver.K, 1), ("blind.steps", c.blind.steps, 0),
+                           ("blind.crop", c.blind.get("crop", 256), 0),
+                           ("data.max_train_pixels", c.data.get("max_train_pixels", 1), 1),
                            ("model.hidden", c.model.hidden, 1),
                            ("diffusion.num_timesteps", c.diffusion.num_timesteps, 21)):
     if int(value) < low:
@@ -318,6 +322,7 @@ def fusion_settings(cfg: ml_collections.ConfigDict) -> dict:
               lr_scale=None if s.lr_scale is None else float(s.lr_scale),
               respacing=str(d.respacing), blind_steps=int(b.steps), blind_lr=float(b.lr),
               psf_size=None if b.psf_size is None else int(b.psf_size),
+              blind_crop=int(b.get("crop", 256)),
               tile=None if s.tile is None else int(s.tile), tile_overlap=int(s.tile_overlap),
               tiles_per_call=int(s.tiles_per_call), schedule=str(d.schedule),
               num_timesteps=int(d.num_timesteps),

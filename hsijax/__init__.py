@@ -11,6 +11,7 @@ Packages (imported on first use, so `import hsijax` stays cheap and never import
   metrics    PSNR, SAM, RMSE, ERGAS, UIQI, SSIM, D_lambda, D_s, QNR, spectral FID
   degrade    PSF, strided blur-and-downsample, SRF, noise, Wald's simulation protocol
   data       cube readers (.npz, .mat v5 / v7.3, GeoTIFF, ENVI)
+  windowed   images read by windows (open_image): scenes larger than memory
   policy     the platform policy (Policy.for_backend) and matmul precision names
   datasets   TFDS builders (no TensorFlow) and grain batches
   diffusion  noise schedules, forward process, DDPM / DDIM steps, respacing
@@ -23,7 +24,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("sdp", "scdm", "metrics", "degrade", "data", "datasets", "diffusion", "classical",
                "linear_baseline", "synthetic", "plots", "sharding", "checkpoint", "trainloop",
-               "tiling", "progress", "fileio", "settings", "policy", "kernels", "workdir")
+               "tiling", "progress", "fileio", "settings", "policy", "kernels", "workdir",
+               "windowed")
 __all__ = list(_SUBMODULES)
 
 

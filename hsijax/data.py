@@ -127,6 +127,9 @@ class _Store(NamedTuple):
   nodata: float | None = None        # ENVI "data ignore value", TIFF GDAL_NODATA
   good_bands: np.ndarray | None = None  # ENVI "bbl": (B,) bool, False = bad band
   scale: float | None = None         # ENVI "reflectance scale factor": data / scale
+  # window(name) -> read(rows: slice, cols: slice) -> (r, c, B) in the stored dtype, for
+  # formats that can read a window without the rest (memory maps, HDF5); None otherwise.
+  window: Callable[[str], Callable[[slice, slice], np.ndarray]] | None = None
 
 
 def load_masked(path: PathLike, key: str | None = None, ndim: int | None = 3
@@ -142,7 +145,8 @@ def load_masked(path: PathLike, key: str | None = None, ndim: int | None = 3
   return arr, valid, wavelengths, source
 
 
-def _load(path, key, ndim, masked: bool = False):
+def _locate(path, key, ndim) -> tuple[_Store, str, str]:
+  """(the opened file, the name of the array to read, "path[:name]" for messages)."""
   path = os.fspath(path)
   if key is None:
     path, key = parse_path_key(path)
@@ -151,8 +155,12 @@ def _load(path, key, ndim, masked: bool = False):
   if store.kind == "TIFF" and key is not None and key.lower() in TIFF_LAYOUTS:
     key = None  # a layout, not an array name
   name = _select(store, path, key, ndim)
+  return store, name, path if store.single else f"{path}:{name}"
+
+
+def _load(path, key, ndim, masked: bool = False):
+  store, name, source = _locate(path, key, ndim)
   shape = store.shapes[name]
-  source = path if store.single else f"{path}:{name}"
   try:
     arr = np.asarray(store.read(name))
   except Exception as e:  # noqa: BLE001  (library errors for corrupt files vary widely)
@@ -165,16 +173,10 @@ def _load(path, key, ndim, masked: bool = False):
     raise ValueError(_ndim_message(source, name, shape, ndim))
   if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) or np.iscomplexobj(arr):
     raise ValueError(f"{source}: array has dtype {arr.dtype}; a real numeric array is needed")
-  arr = arr.astype(np.float32, copy=False)
   if store.good_bands is not None and arr.ndim == 3 and not store.good_bands.all():
     warnings.warn(f"{source}: dropped {int((~store.good_bands).sum())} bad bands marked "
                   f"in the header's bbl (kept {int(store.good_bands.sum())})", stacklevel=3)
-    arr = arr[..., store.good_bands]
-  if store.scale:
-    arr = arr / np.float32(store.scale)
-  invalid = ~np.isfinite(arr)
-  if store.nodata is not None:
-    invalid |= arr == np.float32(store.nodata / (store.scale or 1.0))
+  arr, invalid = _values(arr, store)
   bad = int(invalid.sum())
   valid = None
   if bad and masked and arr.ndim == 3:
@@ -186,6 +188,15 @@ def _load(path, key, ndim, masked: bool = False):
     raise ValueError(
         f"{source}: {bad} {what} out of {arr.size} (missing data); fix the file (e.g. "
         "np.nan_to_num, or interpolate / drop the bad bands or pixels) and load it again")
+  wavelengths = _wavelengths(store, name)
+  if masked:
+    return arr, wavelengths, source, valid
+  return arr, wavelengths, source
+
+
+def _wavelengths(store: _Store, name: str) -> np.ndarray | None:
+  """Band centres in nm of array `name`: from the header (ENVI) or a wavelength array beside
+  it (npz / mat / HDF5), bbl bad bands dropped; None when the file has none."""
   wavelengths = store.wavelengths
   if wavelengths is None and not store.single:
     wl_name = _find_key(store.shapes, WAVELENGTH_KEYS)
@@ -195,9 +206,21 @@ def _load(path, key, ndim, masked: bool = False):
     wavelengths = _to_nm(wavelengths)
     if store.good_bands is not None and wavelengths.size == store.good_bands.size:
       wavelengths = wavelengths[store.good_bands]
-  if masked:
-    return arr, wavelengths, source, valid
-  return arr, wavelengths, source
+  return wavelengths
+
+
+def _values(arr: np.ndarray, store: _Store) -> tuple[np.ndarray, np.ndarray]:
+  """Stored values as float32 (bbl bad bands dropped, reflectance scale factor divided out)
+  and where they are missing (non-finite or the no-data value); whole arrays and windows."""
+  arr = arr.astype(np.float32, copy=False)
+  if store.good_bands is not None and arr.ndim == 3 and not store.good_bands.all():
+    arr = arr[..., store.good_bands]
+  if store.scale:
+    arr = arr / np.float32(store.scale)
+  invalid = ~np.isfinite(arr)
+  if store.nodata is not None:
+    invalid |= arr == np.float32(store.nodata / (store.scale or 1.0))
+  return arr, invalid
 
 
 def _ndim_message(source, name, shape, ndim):
@@ -333,7 +356,13 @@ def _open_npz(p: pathlib.Path) -> _Store:
 
 def _open_npy(p: pathlib.Path) -> _Store:
   arr = np.load(p, mmap_mode="r", allow_pickle=False)
-  return _Store({p.stem: arr.shape}, lambda _: np.asarray(arr), True, None, "npy")
+
+  def window(_):
+    def read(rows, cols):  # a fresh map per read: pages read are not kept mapped
+      return np.array(np.load(p, mmap_mode="r", allow_pickle=False)[rows, cols])
+    return read
+  return _Store({p.stem: arr.shape}, lambda _: np.asarray(arr), True, None, "npy",
+                window=window if arr.ndim == 3 else None)
 
 
 def _open_mat(p: pathlib.Path) -> _Store:
@@ -369,7 +398,18 @@ def _open_mat73(p: pathlib.Path, kind: str = "MATLAB v7.3 (HDF5) .mat") -> _Stor
     with h5py.File(p, "r") as f:
       a = f[name][()]
     return np.transpose(a) if matlab[name] else a
-  return _Store(shapes, read, False, None, kind)
+
+  def window(name):
+    if len(shapes[name]) != 3:
+      return None
+
+    def read_window(rows, cols):
+      with h5py.File(p, "r") as f:
+        if matlab[name]:  # stored (B, W, H)
+          return np.transpose(f[name][:, cols, rows])
+        return f[name][rows, cols, :]
+    return read_window
+  return _Store(shapes, read, False, None, kind, window=window)
 
 
 def _open_h5(p: pathlib.Path) -> _Store:
@@ -384,6 +424,9 @@ def _open_tiff(p: pathlib.Path, layout: str | None = None) -> _Store:
   with tifffile.TiffFile(p) as tif:
     series = tif.series[0]
     shape, axes = tuple(series.shape), series.axes
+    # Uncompressed, contiguous data can be memory-mapped and read by windows.
+    offset = series.dataoffset
+    stored = np.dtype(series.dtype).newbyteorder(tif.byteorder)
     tag = tif.pages[0].tags.get(42113)  # GDAL_NODATA, an ASCII number
     nodata = None
     if tag is not None:
@@ -402,7 +445,15 @@ def _open_tiff(p: pathlib.Path, layout: str | None = None) -> _Store:
     if arr.shape != shape_in:
       raise ValueError(f"first image series has shape {shape_in}, read {arr.shape}")
     return np.transpose(arr, order) if arr.ndim == 3 else arr
-  return _Store({p.stem: shape}, read, True, None, "TIFF", nodata)
+
+  def window(_):
+    def read_window(rows, cols):
+      mm = np.memmap(p, dtype=stored, mode="r", offset=offset, shape=shape_in)
+      return np.transpose(mm, order)[rows, cols].astype(stored.newbyteorder("="))
+    return read_window
+  lazy = offset is not None and len(shape) == 3
+  return _Store({p.stem: shape}, read, True, None, "TIFF", nodata,
+                window=window if lazy else None)
 
 
 def _band_last_order(p: pathlib.Path, shape, axes: str, layout: str | None
@@ -521,9 +572,15 @@ def _open_envi(p: pathlib.Path) -> _Store:
   def read(_):
     raw = np.fromfile(binary, dtype=dtype, count=lines * samples * bands, offset=offset)
     return np.transpose(raw.reshape(stored_shape), to_hwb).astype(dtype.newbyteorder("="))
+
+  def window(_):
+    def read_window(rows, cols):  # a fresh map per read: pages read are not kept mapped
+      mm = np.memmap(binary, dtype=dtype, mode="r", offset=offset, shape=stored_shape)
+      return np.transpose(mm, to_hwb)[rows, cols].astype(dtype.newbyteorder("="))
+    return read_window
   kept = bands if good is None else int(good.sum())
   return _Store({binary.name: (lines, samples, kept)}, read, True, wavelengths, "ENVI",
-                nodata, good, scale)
+                nodata, good, scale, window)
 
 
 def _envi_binary_for(header: pathlib.Path, fields: dict[str, str]) -> pathlib.Path:

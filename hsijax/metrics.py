@@ -426,18 +426,18 @@ def no_reference_metrics_by_rows(rows_fn, z_msi, y_lr, ratio: int,
   combined over the strips, so the result equals the whole-image computation (to float
   rounding). Images smaller than a block fall back to it.
   """
-  z, y = np.asarray(z_msi), np.asarray(y_lr)
+  z, y = z_msi, y_lr  # arrays or images read by windows (`hsijax.windowed`): sliced by strips
   H, W = z.shape[:2]
   r = int(ratio)
   hr, lr = _block_sides(y.shape[0], y.shape[1], block, r)
   if hr is None or H < hr or W < hr or hr % r:
-    return no_reference_metrics(rows_fn(0, H), z, y, r, block)
+    return no_reference_metrics(rows_fn(0, H), np.asarray(z[:]), np.asarray(y[:]), r, block)
   step = hr * max(1, rows // hr)
   total = None
   for a in range(0, (H // hr) * hr, step):
     b = min(a + step, (H // hr) * hr)
-    part = _no_reference_sums(jnp.asarray(rows_fn(a, b), jnp.float32), z[a:b],
-                              y[a // r:b // r], r, hr, lr)
+    part = _no_reference_sums(jnp.asarray(rows_fn(a, b), jnp.float32), np.asarray(z[a:b]),
+                              np.asarray(y[a // r:b // r]), r, hr, lr)
     total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
   n = total["n"]
   bands = y.shape[2]

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from absl import logging as absl_logging
 
-from hsijax import data, fileio, sharding
+from hsijax import data, fileio, sharding, windowed
 from hsijax import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -50,22 +50,29 @@ def naming(flag: str, spec: str):
     raise type(e)(f"{flag}={spec}: {e}") from e
 
 
-def load_image(spec: str, flag: str) -> tuple[np.ndarray, np.ndarray | None, Any]:
-  """An (H, W, C) image FILE[:KEY], its valid-pixel mask (None when every pixel is valid) and
-  its band wavelengths (or None): no-data pixels (ENVI data ignore value, TIFF nodata, NaN)
-  are filled with each band's median (`hsijax.sdp.fill_invalid`) and reported, not an
-  error."""
+def open_image(spec: str, flag: str) -> tuple[Any, np.ndarray | None, Any]:
+  """An (H, W, C) image FILE[:KEY] opened to be read by windows (`hsijax.windowed`; formats
+  that cannot be are read whole), its valid-pixel mask (None when every pixel is valid) and
+  its band wavelengths (or None). No-data pixels (ENVI data ignore value, TIFF nodata, NaN)
+  read as each band's median over the valid pixels (of up to MEDIAN_PIXELS spread over the
+  image) and are reported, not an error."""
   if not spec:
     raise ValueError(f"{flag} is empty; pass {flag}=FILE[:KEY]")
   path, key = data.parse_path_key(spec)
   with naming(flag, spec):
-    a, valid, wavelengths, source = data.load_masked(path, key, ndim=3)
+    img = windowed.open_image(path, key)
+    valid = windowed.stats(img).valid
   if valid is None:
-    return a, None, wavelengths
-  from hsijax import sdp  # pylint: disable=g-import-not-at-top
-  log(f"{source}: {int((~valid).sum())} of {valid.size} pixels have no data; they are "
+    return img, None, img.wavelengths_nm
+  if not valid.any():
+    raise ValueError(f"{flag}={spec}: every pixel has no data; check the file")
+  log(f"{img.source}: {int((~valid).sum())} of {valid.size} pixels have no data; they are "
       "filled for the solve, left out of training and marked NaN in the output")
-  return sdp.fill_invalid(a, valid), valid, wavelengths
+  fill = np.median(windowed.sample_pixels(img, MEDIAN_PIXELS, valid=valid), axis=0)
+  return windowed.ImageView(img, fill=fill), valid, img.wavelengths_nm
+
+
+MEDIAN_PIXELS = 2**20  # pixels whose band medians fill no-data pixels (all, when fewer)
 
 
 def load_input(spec: str, flag: str, ndim: tuple[int, ...] = (3,),

@@ -10,7 +10,10 @@ Inputs are FILE[:KEY] (.npz / .mat / .h5 / .tif / .npy / ENVI): the LR-HSI (h, w
 HR-MSI (H, W, b), H = r h, W = r w for any integer ratio r (from the shapes). PSF (k, k) and
 SRF (b, B) are estimated blindly unless given; the prior is trained on the LR-HSI's pixels
 unless clean `train_pixels` are given. Both images are scaled to [0, 1] (`data.scale`) and
-the output is returned in the LR-HSI's units. Library calls: hsijax.sdp.scale_pair,
+the output is returned in the LR-HSI's units. The inputs are opened lazily: when the scene
+does not fit the memory budget (`memory_gb`) they are only ever read window by window, the
+prior trains on at most `data.max_train_pixels` LR-HSI pixels spread over the scene, and the
+blind estimation fits the central `blind.crop` x `blind.crop` LR pixels. Library calls: hsijax.sdp.scale_pair,
 check_pair, train_prior, run_methods.
 
 Writes DIR/fused.npz (X: SDP (H, W, B); X_baseline; psf, srf, scale), DIR/metrics.json
@@ -29,7 +32,7 @@ import numpy as np
 
 from configs import common as config_common
 from configs import sdp as sdp_config
-from hsijax import metrics, sharding
+from hsijax import metrics, sharding, windowed
 from hsijax import sdp
 from launch import common, runner, report
 
@@ -39,8 +42,9 @@ def load_inputs(cfg) -> dict:
   if not cfg.data.hsi or not cfg.data.msi:
     raise ValueError("fuse needs both images: pass --config.data.hsi=FILE[:KEY] (LR-HSI, "
                      "h x w x B) and --config.data.msi=FILE[:KEY] (HR-MSI, H x W x b)")
-  y, y_valid, wavelengths = common.load_image(cfg.data.hsi, "--config.data.hsi")
-  z, z_valid, _ = common.load_image(cfg.data.msi, "--config.data.msi")
+  # Opened, not read: a windowed solve reads them window by window (hsijax.windowed).
+  y, y_valid, wavelengths = common.open_image(cfg.data.hsi, "--config.data.hsi")
+  z, z_valid, _ = common.open_image(cfg.data.msi, "--config.data.msi")
   opt = lambda spec, flag, nd: common.load_input(spec, flag, nd) if spec else None
   psf = opt(cfg.data.psf, "--config.data.psf", (2,))
   srf = opt(cfg.data.srf, "--config.data.srf", (2,))
@@ -62,7 +66,10 @@ def load_inputs(cfg) -> dict:
     if pixels.shape[-1] != y.shape[-1]:
       raise ValueError(f"train_pixels have {pixels.shape[-1]} bands but the LR-HSI has "
                        f"{y.shape[-1]}; give clean spectra of the same sensor")
-  lr_pixels = y.reshape(-1, y.shape[-1]) if y_valid is None else y[y_valid]
+  lr_pixels = None
+  if pixels is None:  # every valid LR-HSI pixel, or a sample spread over a large scene
+    lr_pixels = windowed.sample_pixels(y, cfg.data.max_train_pixels, seed=cfg.seed,
+                                       valid=y_valid)
   return {
       "y": y, "z": z, "ratio": ratio, "psf": psf, "srf": srf, "scale": scale,
       "valid": sdp.fused_valid(y_valid, z_valid, ratio), "wavelengths": wavelengths,
@@ -88,6 +95,8 @@ def run(config, workdir: str) -> dict:
                              methods=len(methods.split(",")))
   if windows[0]:
     sdp.tiled.check_tiling(windows[0], windows[1], ratio, windows[2])
+  else:  # the whole scene fits the budget: read it once
+    y, z = inp["y"], inp["z"] = windowed.load(y), windowed.load(z)
   prior = None
   if "sdp" in sdp.evaluate.check_methods(methods):
     common.log(f"LR-HSI {y.shape}, HR-MSI {z.shape}, ratio {ratio}; spectral prior on "

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from hsijax import classical, degrade, metrics, tiling
+from hsijax import classical, degrade, metrics, tiling, windowed
 from hsijax import settings as settings_lib
 from hsijax.sdp import fusion as fusion_lib
 from hsijax.sdp import prior as prior_lib
@@ -62,7 +62,9 @@ def run_methods(y: Any, z: Any, *, prior: prior_lib.Prior | None, key: Any,
   """Runs the chosen methods with one set of operators (estimated once when not given).
 
   Args:
-    y, z: the (h, w, B) LR-HSI and (H, W, b) HR-MSI in [0, 1].
+    y, z: the (h, w, B) LR-HSI and (H, W, b) HR-MSI in [0, 1]: arrays, or images read by
+      windows (`hsijax.windowed`, e.g. `scale_pair` of `open_image`s), which with `outputs`
+      are only ever read window by window.
     prior: the spectral prior ("sdp" needs it).
     key: key or int seed of the SDP / Baseline solves (both use the same key).
     methods: names from METHODS (default all).
@@ -76,14 +78,17 @@ def run_methods(y: Any, z: Any, *, prior: prior_lib.Prior | None, key: Any,
   if "sdp" in methods and prior is None:
     raise ValueError("method 'sdp' needs a trained prior; pass prior= or drop 'sdp'")
   s = fusion_lib.FusionSettings.from_kwargs(**settings)
-  y, z = np.asarray(y, np.float32), np.asarray(z, np.float32)
+  y, z = windowed.as_image(y), windowed.as_image(z)
+  if outputs is None:  # every result is held in memory, so the inputs can be too
+    y, z = windowed.load(y), windowed.load(z)
   ratio = check_pair(y, z, psf=psf, srf=srf, psf_size=s.psf_size)
   seconds: dict[str, float] = {}
   blind = psf is None or srf is None
   if blind:
     t0 = time.perf_counter()
     est_psf, est_srf = fusion_lib.estimate_operators(y, z, ratio, steps=s.blind_steps,
-                                                     lr=s.blind_lr, psf_size=s.psf_size)
+                                                     lr=s.blind_lr, psf_size=s.psf_size,
+                                                     crop=s.blind_crop)
     seconds["blind"] = time.perf_counter() - t0
     psf = est_psf if psf is None else psf
     srf = est_srf if srf is None else srf
@@ -137,7 +142,7 @@ def no_reference_table(results: dict[str, Any], y: Any, z: Any, ratio: int
   out = {}
   for name, x in results.items():
     if isinstance(x, np.ndarray):
-      out[name] = metrics.no_reference_metrics(x, z, y, ratio)
+      out[name] = metrics.no_reference_metrics(x, windowed.load(z), windowed.load(y), ratio)
     else:
       out[name] = metrics.no_reference_metrics_by_rows(lambda a, b, x=x: x[a:b], z, y, ratio)
   return out

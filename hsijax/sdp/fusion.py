@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar
 import jax
 import numpy as np
 
-from hsijax import diffusion, progress, sharding
+from hsijax import diffusion, progress, sharding, windowed
 from hsijax import policy as policy_lib
 from hsijax import settings as settings_lib
 from hsijax.sdp import blind, solver, tiled
@@ -53,7 +53,9 @@ class FusionSettings(settings_lib.Settings):
   LS and detail injection), start (fraction of the steps visited, the last ones; 1 = all, the
   paper), lr_scale (None = T / steps), respacing ("uniform" | "quadratic" choice of the
   visited timesteps).
-  Blind estimation: blind_steps, blind_lr, psf_size (None = 2 ratio - 1).
+  Blind estimation: blind_steps, blind_lr, psf_size (None = 2 ratio - 1), blind_crop (side
+  in LR pixels of the central window it fits on, so it costs the same on any scene; 0 = the
+  whole scene).
   Large scenes: tile (window side in HR pixels; 0 = the whole scene at once; None = chosen
   from `memory_gb`, see `plan_windows`), tile_overlap, tiles_per_call (windows per call,
   sharded over the devices; with tile None also from the budget), memory_gb (host + device
@@ -74,6 +76,7 @@ class FusionSettings(settings_lib.Settings):
   blind_steps: int = 5000
   blind_lr: float = 1e-5
   psf_size: int | None = None
+  blind_crop: int = 256
   tile: int | None = None
   tile_overlap: int = 16
   tiles_per_call: int = 8
@@ -97,6 +100,9 @@ class FusionSettings(settings_lib.Settings):
       raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
     if int(self.blind_steps) != self.blind_steps or self.blind_steps < 0:
       raise ValueError(f"blind_steps must be an integer >= 0, got {self.blind_steps}")
+    if int(self.blind_crop) != self.blind_crop or self.blind_crop < 0:
+      raise ValueError(f"blind_crop must be an integer >= 0 (LR pixels; 0 = whole scene), "
+                       f"got {self.blind_crop}")
     if self.psf_size is not None and (self.psf_size < 1 or self.psf_size % 2 == 0):
       raise ValueError(f"psf_size must be a positive odd integer, got {self.psf_size}")
     if self.tile is not None and self.tile < 0:
@@ -237,9 +243,22 @@ def solver_for(prior: Prior | None, *, ratio: int, steps: int | None,
   return solve, solver.run_positions(n, float(s.start))
 
 
+def central_window(y: Any, z: Any, ratio: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+  """The central (at most side x side LR pixels) window of the pair as arrays: the whole
+  pair when it is smaller or side is 0. Only that window of a lazy image is read."""
+  h, w = y.shape[:2]
+  n, m = (h, w) if not side else (min(h, side), min(w, side))
+  a, c = (h - n) // 2, (w - m) // 2
+  return (windowed.load(y[a:a + n, c:c + m]),
+          windowed.load(z[a * ratio:(a + n) * ratio, c * ratio:(c + m) * ratio]))
+
+
 def estimate_operators(y: Any, z: Any, ratio: int, *, steps: int, lr: float,
-                       psf_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Blind (psf (k, k), srf (b, B)) from the two images (`hsijax.sdp.blind`)."""
+                       psf_size: int | None = None, crop: int = 0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """Blind (psf (k, k), srf (b, B)) from the two images (`hsijax.sdp.blind`), fitted on
+  their central `crop` x `crop` LR-pixel window (`central_window`; 0 = whole images)."""
+  y, z = central_window(y, z, ratio, crop)
   psf, srf = blind.estimate_psf_srf(y, z, ratio, psf_size=psf_size, num_steps=int(steps),
                                     lr=float(lr))
   return np.asarray(psf), np.asarray(srf)
@@ -256,7 +275,8 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
     y: (h, w, B) LR-HSI in [0, 1] (scale both images by one common factor, e.g.
       `scale_pair`, so that Z = R X still holds; images beyond [0, 1] are divided by their
       joint maximum for the solve, with a warning, and X comes back in their units).
-    z: (H, W, b) HR-MSI in [0, 1], H = ratio h, W = ratio w.
+    z: (H, W, b) HR-MSI in [0, 1], H = ratio h, W = ratio w. Both may be images read by
+      windows (`hsijax.windowed`): a windowed solve then reads only windows of them.
     prior: a trained `Prior` (train_prior / load_prior) for B bands; None = Baseline.
     key: PRNG key or int seed of the solver's diffusion noise (same key, same result).
     ratio: optional check of the ratio inferred from the shapes.
@@ -278,19 +298,21 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
     Fusion(x, psf, srf, ratio, blind, steps, seconds, windows).
   """
   s = FusionSettings.from_kwargs(**settings)
-  y, z = np.asarray(y, np.float32), np.asarray(z, np.float32)
+  y, z = windowed.as_image(y), windowed.as_image(z)
   r = check_pair(y, z, psf=psf, srf=srf, ratio=ratio, psf_size=s.psf_size)
   unit = 1.0
-  if max(float(y.max()), float(z.max())) > 1.5:
+  peak = max(windowed.stats(y).max, windowed.stats(z).max)
+  if peak > 1.5:
     # Not in [0, 1] (e.g. raw DN): solve on both divided by one common factor (keeps
     # Z = R X) and return X in the inputs' units; say so, since a prior trained on spectra
     # scaled otherwise sees other values.
-    unit = float(max(y.max(), z.max()))
+    unit = peak
     warnings.warn(f"fuse: the images reach {unit:.4g}, not [0, 1]; both were divided by "
                   f"{unit:.4g} for the solve and X is returned in their units. Scale them "
                   "yourself (hsijax.sdp.scale_pair) the same way as the prior's training "
                   "pixels to silence this", stacklevel=2)
-    y, z = y / unit, z / unit
+    y, z = ((windowed.ImageView(a, scale=unit) if windowed.is_lazy(a) else a / unit)
+            for a in (y, z))
   if prior is not None and prior.num_bands != y.shape[-1]:
     raise ValueError(f"the prior was trained on {prior.num_bands} bands but y has "
                      f"{y.shape[-1]}; train the prior on spectra of this sensor")
@@ -299,6 +321,8 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
                                          hidden=prior.model.hidden if prior else 16,
                                          devices=devices)
   s = dataclasses.replace(s, tile=tile, tile_overlap=overlap, tiles_per_call=per_call)
+  if not tile:  # the whole scene at once: it fits the budget, so read it
+    y, z = windowed.load(y), windowed.load(z)
   solve, n = solver_for(prior, ratio=r, steps=steps, settings=s, mesh=mesh, policy=policy,
                         lr_rows=y.shape[0])
   seconds: dict[str, float] = {}
@@ -306,7 +330,7 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
   if is_blind:
     t0 = time.perf_counter()
     est_psf, est_srf = estimate_operators(y, z, r, steps=s.blind_steps, lr=s.blind_lr,
-                                          psf_size=s.psf_size)
+                                          psf_size=s.psf_size, crop=s.blind_crop)
     seconds["blind"] = time.perf_counter() - t0
     psf = est_psf if psf is None else psf
     srf = est_srf if srf is None else srf

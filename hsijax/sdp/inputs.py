@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from hsijax import windowed
+
 
 def infer_ratio(y_shape: tuple[int, ...], z_shape: tuple[int, ...]) -> int:
   """The integer ratio H / h = W / w between HR-MSI (H, W, b) and LR-HSI (h, w, B)."""
@@ -57,7 +59,7 @@ def check_pair(y: Any, z: Any, *, psf: Any = None, srf: Any = None, ratio: int |
   and (same_units) two images whose mean levels differ more than tenfold: each HR-MSI band
   is a weighted average of HSI bands, so in the same units their means are comparable.
   """
-  y, z = np.asarray(y), np.asarray(z)
+  y, z = windowed.as_image(y), windowed.as_image(z)
   r = infer_ratio(y.shape, z.shape)
   if ratio is not None and int(ratio) != r:
     raise ValueError(f"ratio={ratio} was given but the shapes {y.shape[:2]} and "
@@ -69,16 +71,21 @@ def check_pair(y: Any, z: Any, *, psf: Any = None, srf: Any = None, ratio: int |
   if b >= B:
     raise ValueError(f"{names[1]} has {b} bands and {names[0]} {B}; the hyperspectral image "
                      "must have more bands (are the two swapped?)")
+  summary = []
   for a, name in ((y, names[0]), (z, names[1])):
-    _finite(a, name)
-    if not np.any(a > 0):
-      raise ValueError(f"{name} has no positive value (max {float(a.max()):.4g}); it is "
+    st = windowed.stats(a)  # by strips: a lazy image is never read whole
+    if st.nonfinite:
+      raise ValueError(f"{name} has {st.nonfinite} NaN/inf values (first at index "
+                       f"{st.first_nonfinite}); fill or mask them (e.g. np.nan_to_num) first")
+    if not st.max > 0:
+      raise ValueError(f"{name} has no positive value (max {st.max:.4g}); it is "
                        "empty or in the wrong units: check the file / key")
-    if float(a.max()) == float(a.min()):
-      raise ValueError(f"{name} is constant ({float(a.max()):.4g} everywhere); there is "
+    if st.max == st.min:
+      raise ValueError(f"{name} is constant ({st.max:.4g} everywhere); there is "
                        "nothing to fuse: check the file / key")
+    summary.append(st)
   if same_units:
-    my, mz = float(np.mean(np.maximum(y, 0))), float(np.mean(np.maximum(z, 0)))
+    my, mz = summary[0].positive_mean, summary[1].positive_mean
     if not 0.1 <= mz / my <= 10.0:
       raise ValueError(
           f"{names[1]} averages {mz:.4g} and {names[0]} {my:.4g} ({mz / my:.3g} times): the "
@@ -123,18 +130,21 @@ def scale_pair(y: Any, z: Any, mode: str = "joint") -> tuple[np.ndarray, np.ndar
   scales["clipped"]. mode "joint" divides both by one common maximum (keeps Z = R X when
   both are in the same units), "separate" each by its own maximum, "none" expects data
   already in [0, 1]. Multiply the fused X by scales["hsi"] to return to the input's units.
+  Lazy images (`hsijax.windowed`) come back as views scaled window by window.
   """
-  y, z = np.asarray(y, np.float32), np.asarray(z, np.float32)
-  clipped = {"hsi": int(np.count_nonzero(y < 0)), "msi": int(np.count_nonzero(z < 0))}
-  y, z = np.maximum(y, 0), np.maximum(z, 0)
+  lazy = windowed.is_lazy(y) or windowed.is_lazy(z)
+  y, z = windowed.as_image(y), windowed.as_image(z)
+  st_y, st_z = windowed.stats(y), windowed.stats(z)
+  clipped = {"hsi": st_y.negatives, "msi": st_z.negatives}
+  m_y, m_z = max(st_y.max, 0.0), max(st_z.max, 0.0)  # the maxima once negatives are clipped
   if mode == "joint":
-    s_y = s_z = float(max(y.max(), z.max()))
+    s_y = s_z = max(m_y, m_z)
   elif mode == "separate":
-    s_y, s_z = float(y.max()), float(z.max())
+    s_y, s_z = m_y, m_z
   elif mode == "none":
-    if max(float(y.max()), float(z.max())) > 1.5:
+    if max(m_y, m_z) > 1.5:
       raise ValueError(f"scale 'none' expects images in [0, 1], but they reach "
-                       f"{max(float(y.max()), float(z.max())):.4g}; use 'joint' (the default: "
+                       f"{max(m_y, m_z):.4g}; use 'joint' (the default: "
                        "one common maximum) or 'separate' (--config.data.scale=joint)")
     s_y = s_z = 1.0
   else:
@@ -142,7 +152,11 @@ def scale_pair(y: Any, z: Any, mode: str = "joint") -> tuple[np.ndarray, np.ndar
   if not (s_y > 0 and s_z > 0):
     raise ValueError("an input image has no positive value (all zeros or negative); check "
                      "the LR-HSI and HR-MSI files / keys")
-  return y / s_y, z / s_z, {"hsi": s_y, "msi": s_z, "clipped": clipped}
+  scales = {"hsi": s_y, "msi": s_z, "clipped": clipped}
+  if lazy:  # computed window by window when read
+    return (windowed.ImageView(y, scale=s_y, clip=True),
+            windowed.ImageView(z, scale=s_z, clip=True), scales)
+  return np.maximum(y, 0) / s_y, np.maximum(z, 0) / s_z, scales
 
 
 def fill_invalid(a: Any, valid: Any) -> np.ndarray:

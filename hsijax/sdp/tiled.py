@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hsijax import diffusion, progress, sharding, tiling
+from hsijax import diffusion, progress, sharding, tiling, windowed
 from hsijax.sdp import solver as solver_lib
 from hsijax.sdp.denoiser import SpectralDenoiser
 
@@ -89,6 +89,7 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
 
   Returns:
     solve(params, y (h, w, B), z (H, W, b), psf (k, k), srf (b, B), key, out=None) -> X
+    (y and z arrays or images read by windows, `hsijax.windowed`)
     (H, W, B) NumPy float32 on every process (written into `out`, strip by strip, when
     given, e.g. a memory map). The same key is used for every window.
   """
@@ -105,15 +106,15 @@ def make_tiled_solver(model: SpectralDenoiser, schedule: diffusion.Schedule, *, 
                     in_shardings=(rep, data, data, rep, rep, rep, data), out_shardings=data)
 
   def solve(params, y, z, psf, srf, key, out=None) -> np.ndarray:
-    y = np.asarray(y, np.float32)
-    z = np.asarray(z, np.float32)
-    if y.ndim != 3 or z.ndim != 3:
+    y, z = windowed.as_image(y), windowed.as_image(z)  # lazy images: read by windows
+    if len(y.shape) != 3 or len(z.shape) != 3:
       raise ValueError(f"y must be (h, w, B) and z (H, W, b); got {y.shape} and {z.shape}")
     H, W = z.shape[:2]
     if (H, W) != (y.shape[0] * ratio, y.shape[1] * ratio):
       raise ValueError(f"z is {H} x {W} but y is {y.shape[0]} x {y.shape[1]} with ratio "
                        f"{ratio}; the HR-MSI must be exactly ratio times the LR-HSI")
     if tile >= max(H, W):  # one window: the untiled solve
+      y, z = windowed.load(y), windowed.load(z)
       with progress.bar(steps, desc=desc):
         x = np.asarray(jax.device_get(solve_one(params, y, z, psf, srf, key,
                                                 jnp.zeros(2, jnp.int32))))
