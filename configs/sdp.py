@@ -171,6 +171,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.blind.lr = config_dict.placeholder(float)   # None -> budgets[budget].blind_lr
   c.blind.psf_size = config_dict.placeholder(int)  # None -> 2 * ratio - 1
   c.blind.crop = 256  # fit on the central crop x crop LR pixels (0 = whole scene)
+  # MSI radiometry in the blind fit: "none" (the authors' Z = rownorm(R) X), "affine" (a gain
+  # and offset per MSI band; the MSI is mapped to the LR-HSI's units for every method) or
+  # "auto" (affine only where it explains the pair much better; hsijax.sdp.fusion).
+  c.blind.radiometry = "none"
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""        # evaluate_sdp / train_sdm: one cube file (.npz / .mat / .h5 / .tif)
@@ -213,6 +217,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.solver.lr = 8e-3
   elif preset == "real":
     _warm_solver(c)
+    # A user's pair usually comes from two sensors in different units (docs/sdp_results.md).
+    c.blind.radiometry = "auto"
   elif preset == "crop":
     _warm_solver(c)
     c.data.ratio = 4
@@ -323,6 +329,7 @@ def fusion_settings(cfg: ml_collections.ConfigDict) -> dict:
               respacing=str(d.respacing), blind_steps=int(b.steps), blind_lr=float(b.lr),
               psf_size=None if b.psf_size is None else int(b.psf_size),
               blind_crop=int(b.get("crop", 256)),
+              blind_radiometry=str(b.get("radiometry", "none")),
               tile=None if s.tile is None else int(s.tile), tile_overlap=int(s.tile_overlap),
               tiles_per_call=int(s.tiles_per_call), schedule=str(d.schedule),
               num_timesteps=int(d.num_timesteps),

@@ -136,7 +136,9 @@ def open_image(path: data.PathLike, key: str | None = None) -> FileImage:
 
 class ImageView:
   """Another image's values computed per window: missing (NaN) pixels set to `fill` (C,),
-  then negatives clipped to 0 (`clip`), then divided by `scale`.
+  then with a number `scale` max(a, 0) / scale (`clip`; as `scale_pair`), or with an
+  `offset` (C,) or per-band `scale` (C,) max((a - offset) / scale, 0) (as
+  `blind.calibrate_msi`).
 
   The same float32 operations as on the whole array, so any window equals the same window
   of the transformed whole image, bit for bit.
@@ -145,10 +147,14 @@ class ImageView:
   dtype = np.dtype(np.float32)
   windowed = True
 
-  def __init__(self, source: Any, *, fill: Any = None, scale: float = 1.0, clip: bool = False):
+  def __init__(self, source: Any, *, fill: Any = None, offset: Any = None, scale: Any = 1.0,
+               clip: bool = False):
     self.source, self.shape = source, tuple(source.shape)
     self.fill = None if fill is None else np.asarray(fill, np.float32)
-    self.scale, self.clip = float(scale), bool(clip)
+    self.offset = None if offset is None else np.asarray(offset, np.float32)
+    # A number stays a Python float (float32 / float -> float32, as `array / s`).
+    self.scale = float(scale) if np.ndim(scale) == 0 else np.asarray(scale, np.float32)
+    self.clip = bool(clip)
 
   def __getitem__(self, key) -> np.ndarray:
     a = np.asarray(self.source[_slices(key, self.shape)], np.float32)
@@ -157,9 +163,11 @@ class ImageView:
       if bad.any():
         a = np.array(a)
         a[bad] = self.fill
-    if self.clip:
-      a = np.maximum(a, 0)
-    return a / self.scale if self.scale != 1.0 else a
+    if self.offset is None and not np.ndim(self.scale):  # as `scale_pair`: max(y, 0) / s
+      a = np.maximum(a, 0) if self.clip else a
+      return a / self.scale if self.scale != 1.0 else a
+    a = (a - (0 if self.offset is None else self.offset)) / self.scale
+    return np.maximum(a, 0) if self.clip else a  # as `blind.calibrate_msi`
 
   def __array__(self, dtype=None, copy=None):
     a = self[:]

@@ -113,6 +113,12 @@ def run(config, workdir: str) -> dict:
                         methods=methods, psf=inp["psf"], srf=inp["srf"],
                         steps=cfg.solver.num_steps, mesh=mesh, policy=policy, outputs=files,
                         **sdp_config.fusion_settings(cfg))
+  if out.calibration is not None:
+    c = out.calibration
+    common.log(f"MSI radiometry ({cfg.blind.radiometry}): model {c['model']}, gain "
+               f"{np.round(c['gain'], 4).tolist()}, offset {np.round(c['offset'], 4).tolist()}, "
+               f"LR-grid r2 {np.round(c['r2'], 4).tolist()}"
+               + (f", residual ratio none / affine {c['ss_ratio']:.3g}" if "ss_ratio" in c else ""))
   table = sdp.no_reference_table(out.results, y, z, ratio)
   if inp["reference"] is not None:
     full = sdp.reference_table(inp["reference"], out.results, ratio)
@@ -124,7 +130,8 @@ def run(config, workdir: str) -> dict:
   result = {**table, "seconds": seconds, "conventions": metrics.CONVENTIONS}
   common.write_json(workdir / "metrics.json", result)
   common.write_json(workdir / "run.json", {
-      "ratio": ratio, "blind": out.blind, "scale": inp["scale"], "methods": list(out.results),
+      "ratio": ratio, "blind": out.blind, "msi_calibration": out.calibration,
+      "scale": inp["scale"], "methods": list(out.results),
       "output_X": main, "train": report.prior_summary(prior), "windows": windows,
       "files": written, "policy": policy.__dict__,
       "no_data_pixels": 0 if inp["valid"] is None else int((~inp["valid"]).sum()),

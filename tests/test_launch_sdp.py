@@ -220,7 +220,9 @@ def test_library_fuse_reproduces_launch_fuse_bit_for_bit(tmp_path):
   key = jax.random.fold_in(jax.random.key(r.seed), 1)
   got = sdp.fuse(y, z, prior=prior, key=key, steps=r.solver.num_steps,
                  **sdp_config.fusion_settings(r))
-  base = sdp.fuse(y, z, key=key, psf=got.psf, srf=got.srf, steps=r.solver.num_steps,
+  # The blind fit's MSI calibration (the `real` preset's radiometry) goes with its operators.
+  base = sdp.fuse(y, sdp.apply_msi_calibration(z, got.calibration), key=key, psf=got.psf,
+                  srf=got.srf, steps=r.solver.num_steps,
                   **sdp_config.fusion_settings(r))
   with np.load(tmp_path / "out" / "fused.npz") as f:
     np.testing.assert_array_equal(got.x * scale["hsi"], f["X"])

@@ -79,3 +79,56 @@ def test_bad_input_raises():
     blind.estimate_psf_srf(y, z, 3)
   with pytest.raises(ValueError, match="odd"):
     blind.estimate_psf_srf(y, z, R, psf_size=4)
+
+
+def _independent_bands_problem():
+  # Every HSI band an independent random image: rownorm(R) Y determines R, so the split of
+  # g_j R_j into a gain and a row of sum 1 is identifiable (with a few spectra mixed, as in
+  # _problem, other rows of R reproduce the same R Y and only the product is determined).
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.uniform(0.1, 0.9, (H, W, B)), jnp.float32)
+  _, _, psf, srf = _problem()
+  return degrade.blur_down(x, psf, R), degrade.spectral_response(x, srf), psf, srf
+
+
+def test_affine_radiometry_recovers_known_gains_and_offsets():
+  # Another sensor's MSI: Z'_j = g_j (R_j X) + o_j. The authors' model (rows of R sum to 1,
+  # no offset) cannot express it; the affine model must recover g and o, and mapping Z' back
+  # (Z' - o) / g must give the MSI in the LR-HSI's units again.
+  y, z, _, srf_true = _independent_bands_problem()
+  gain, offset = np.array([0.7, 1.25, 1.4], np.float32), np.array([0.03, 0.05, 0.02], np.float32)
+  z_cross = jnp.asarray(np.asarray(z) * gain + offset)
+  psf, srf, cal, losses = blind.estimate_psf_srf(y, z_cross, R, num_steps=400, lr=1e-3,
+                                                 radiometry="affine", return_losses=True)
+  np.testing.assert_allclose(np.asarray(srf).sum(1), 1.0, atol=1e-5)  # R stays row-normalised
+  np.testing.assert_allclose(np.asarray(cal["gain"]), gain, rtol=0.01)
+  np.testing.assert_allclose(np.asarray(cal["offset"]), offset, atol=0.002)
+  np.testing.assert_allclose(np.asarray(srf), np.asarray(srf_true), atol=0.01)
+  assert np.asarray(cal["r2"]).min() > 0.99
+  assert float(losses[-1]) < 0.5 * float(losses[0])
+  back = blind.calibrate_msi(z_cross, cal["gain"], cal["offset"])
+  assert np.abs(back - np.asarray(z)).mean() < 0.02 * np.asarray(z).mean()
+  # Without the gain / offset the plain fit leaves a much larger LR-grid residual.
+  psf0, srf0 = blind.estimate_psf_srf(y, z_cross, R, num_steps=400, lr=1e-3)
+  ss0, _ = blind.lr_residuals(psf0, srf0, y, z_cross, R)
+  ss1, _ = blind.lr_residuals(psf, srf, y, z_cross, R, cal["gain"], cal["offset"])
+  assert float(ss0.sum()) > 10 * float(ss1.sum())
+
+
+def test_none_radiometry_unchanged_and_auto_detects_cross_sensor():
+  from hsijax.sdp import fusion
+  y, z, _, _ = _independent_bands_problem()
+  kw = dict(steps=400, lr=1e-3)
+  psf0, srf0 = blind.estimate_psf_srf(y, z, R, num_steps=400, lr=1e-3)
+  # radiometry="none" (the library default) is the authors' path, bit for bit.
+  psf, srf, z_used, cal = fusion.estimate_calibrated(y, z, R, radiometry="none", **kw)
+  assert cal["model"] == "none"
+  np.testing.assert_array_equal(z_used, np.asarray(z))          # the authors' path, unchanged
+  np.testing.assert_array_equal(psf, np.asarray(psf0))
+  np.testing.assert_array_equal(srf, np.asarray(srf0))
+  z_cross = np.asarray(z) * np.array([0.7, 1.25, 1.4], np.float32) + 0.03
+  _, _, z_used, cal = fusion.estimate_calibrated(y, z_cross, R, radiometry="auto", **kw)
+  assert cal["model"] == "affine" and cal["ss_ratio"] > fusion.AUTO_RADIOMETRY_RATIO
+  assert np.abs(z_used - np.asarray(z)).mean() < 0.02 * np.asarray(z).mean()
+  with pytest.raises(ValueError, match="radiometry"):
+    blind.estimate_psf_srf(y, z, R, num_steps=1, radiometry="gamma")

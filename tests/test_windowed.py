@@ -238,3 +238,19 @@ def test_fuse_on_envi_and_geotiff_read_by_windows_equals_npz_in_memory(tmp_path)
                                                                               4000000.0)
     assert t.series[0].shape == (8, 160, 160)
   assert windowed.open_image(tmp_path / "files" / "fused.hdr").wavelengths_nm[-1] == 540.0
+
+
+def test_affine_msi_calibration_of_a_lazy_msi_equals_the_in_memory_one():
+  from hsijax.sdp import blind, fusion
+  y, z = _scene(H=64)
+  z_cross = z * np.array([0.7, 1.3, 0.9], np.float32) + np.float32(0.02)
+  kw = dict(steps=30, lr=1e-3, radiometry="affine", crop=8)
+  psf_a, srf_a, z_a, cal_a = fusion.estimate_calibrated(y, z_cross, 4, **kw)
+  rec = _Recorder(z_cross)
+  psf_l, srf_l, z_l, cal_l = fusion.estimate_calibrated(y, rec, 4, **kw)
+  assert windowed.is_lazy(z_l) and max(rec.reads) == 32 * 32  # only the crop was read
+  np.testing.assert_array_equal(psf_a, psf_l)
+  assert cal_a == cal_l and cal_a["model"] == "affine"
+  np.testing.assert_array_equal(z_l[8:40, 0:64], z_a[8:40])
+  np.testing.assert_array_equal(
+      z_a, blind.calibrate_msi(z_cross, cal_a["gain"], cal_a["offset"]))

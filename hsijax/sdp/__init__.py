@@ -22,8 +22,8 @@ from hsijax.sdp.denoiser import (SpectralDenoiser, apply_with_input_grad, count_
                                  fold_time_condition, time_condition)
 from hsijax.sdp.evaluate import (METHODS, Evaluation, MethodResults, evaluate_cube,
                                  no_reference_table, reference_table, run_methods)
-from hsijax.sdp.fusion import (WARM_START, Fusion, FusionSettings, estimate_operators, fuse,
-                               plan_windows)
+from hsijax.sdp.fusion import (WARM_START, Fusion, FusionSettings, apply_msi_calibration,
+                               estimate_calibrated, estimate_operators, fuse, plan_windows)
 from hsijax.sdp.inputs import (check_pair, fill_invalid, finish_output, fused_valid,
                                infer_ratio, scale_pair)
 from hsijax.sdp.prior import Prior, load_prior, train_prior
@@ -40,7 +40,8 @@ __all__ = [
     "fuse", "Fusion", "FusionSettings", "WARM_START", "scale_pair", "check_pair", "infer_ratio",
     "fill_invalid", "fused_valid", "finish_output", "plan_windows",
     "run_methods", "MethodResults", "evaluate_cube", "Evaluation", "METHODS",
-    "reference_table", "no_reference_table", "estimate_operators",
+    "reference_table", "no_reference_table", "estimate_operators", "estimate_calibrated",
+    "apply_msi_calibration",
     # building blocks
     "SpectralDenoiser", "count_params", "time_condition", "fold_time_condition",
     "apply_with_input_grad",

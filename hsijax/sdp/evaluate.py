@@ -40,6 +40,8 @@ class MethodResults:
   ratio: int
   blind: bool
   seconds: dict[str, float]
+  # The MSI's radiometric calibration when blind (`fusion.estimate_calibrated`), else None.
+  calibration: dict[str, Any] | None = None
 
 
 def check_methods(methods: Sequence[str] | str) -> tuple[str, ...]:
@@ -84,15 +86,17 @@ def run_methods(y: Any, z: Any, *, prior: prior_lib.Prior | None, key: Any,
   ratio = check_pair(y, z, psf=psf, srf=srf, psf_size=s.psf_size)
   seconds: dict[str, float] = {}
   blind = psf is None or srf is None
+  calibration = None
   if blind:
     t0 = time.perf_counter()
-    est_psf, est_srf = fusion_lib.estimate_operators(y, z, ratio, steps=s.blind_steps,
-                                                     lr=s.blind_lr, psf_size=s.psf_size,
-                                                     crop=s.blind_crop)
+    # Every method then sees the same MSI, in the LR-HSI's units when calibrated.
+    est_psf, est_srf, z, calibration = fusion_lib.estimate_calibrated(
+        y, z, ratio, steps=s.blind_steps, lr=s.blind_lr, psf_size=s.psf_size,
+        radiometry=s.blind_radiometry if srf is None else "none", crop=s.blind_crop)
     seconds["blind"] = time.perf_counter() - t0
     psf = est_psf if psf is None else psf
     srf = est_srf if srf is None else srf
-  psf = np.asarray(psf, np.float32) / float(np.sum(psf))
+  psf = fusion_lib.unit_sum(psf)
   srf = np.asarray(srf, np.float32)
   key = settings_lib.as_key(key)
   results: dict[str, np.ndarray] = {}
@@ -111,7 +115,7 @@ def run_methods(y: Any, z: Any, *, prior: prior_lib.Prior | None, key: Any,
           classical.run_method(name, y, z, psf, srf, ratio)), np.float32)
     seconds[name] = time.perf_counter() - t0
   return MethodResults(results=results, psf=psf, srf=srf, ratio=ratio, blind=blind,
-                       seconds=seconds)
+                       seconds=seconds, calibration=calibration)
 
 
 def _classical_windows(name, y, z, psf, srf, ratio, out, mesh):

@@ -55,7 +55,10 @@ class FusionSettings(settings_lib.Settings):
   visited timesteps).
   Blind estimation: blind_steps, blind_lr, psf_size (None = 2 ratio - 1), blind_crop (side
   in LR pixels of the central window it fits on, so it costs the same on any scene; 0 = the
-  whole scene).
+  whole scene), blind_radiometry ("none": the authors' Z = rownorm(R) X; "affine": a gain
+  and offset per MSI band, the MSI then mapped to the LR-HSI's units; "auto": both fitted,
+  "affine" kept only when it cuts the LR-grid residual by more than `AUTO_RADIOMETRY_RATIO`;
+  see `estimate_calibrated`).
   Large scenes: tile (window side in HR pixels; 0 = the whole scene at once; None = chosen
   from `memory_gb`, see `plan_windows`), tile_overlap, tiles_per_call (windows per call,
   sharded over the devices; with tile None also from the budget), memory_gb (host + device
@@ -77,6 +80,7 @@ class FusionSettings(settings_lib.Settings):
   blind_lr: float = 1e-5
   psf_size: int | None = None
   blind_crop: int = 256
+  blind_radiometry: str = "none"
   tile: int | None = None
   tile_overlap: int = 16
   tiles_per_call: int = 8
@@ -103,6 +107,9 @@ class FusionSettings(settings_lib.Settings):
     if int(self.blind_crop) != self.blind_crop or self.blind_crop < 0:
       raise ValueError(f"blind_crop must be an integer >= 0 (LR pixels; 0 = whole scene), "
                        f"got {self.blind_crop}")
+    if self.blind_radiometry not in blind.RADIOMETRY + ("auto",):
+      raise ValueError(f"unknown blind_radiometry {self.blind_radiometry!r}; use one of "
+                       f"{blind.RADIOMETRY + ('auto',)}")
     if self.psf_size is not None and (self.psf_size < 1 or self.psf_size % 2 == 0):
       raise ValueError(f"psf_size must be a positive odd integer, got {self.psf_size}")
     if self.tile is not None and self.tile < 0:
@@ -123,6 +130,9 @@ class Fusion:
     ratio: the spatial ratio H / h.
     blind: True when PSF and/or SRF were estimated.
     steps: solver timesteps visited.
+    calibration: the blind fit's MSI radiometry ({"model", "gain", "offset", "r2"}, see
+      `estimate_calibrated`; None with known operators): the solve used
+      `apply_msi_calibration(z, calibration)`, pass that with psf / srf to reuse the fit.
     seconds: {"blind": ..., "solve": ...} wall seconds (compilation included).
     windows: {"tile", "overlap", "tiles_per_call"} of the solve (tile 0 = whole scene).
   """
@@ -132,6 +142,7 @@ class Fusion:
   ratio: int
   blind: bool
   steps: int
+  calibration: dict[str, Any] | None = None
   seconds: dict[str, float] = dataclasses.field(default_factory=dict, compare=False)
   windows: dict[str, int] = dataclasses.field(default_factory=dict, compare=False)
 
@@ -264,6 +275,95 @@ def estimate_operators(y: Any, z: Any, ratio: int, *, steps: int, lr: float,
   return np.asarray(psf), np.asarray(srf)
 
 
+# "auto" radiometry keeps the affine (gain / offset) model only when the authors' model leaves
+# more than this many times its LR-grid residual sum of squares. Same-sensor simulated pairs
+# measured 1.0-1.3, pairs with per-band gains 0.7-1.4 and offsets of 2-5 % 10 or more
+# (docs/sdp_results.md); fitting the gain where none exists trades it against the SRF rows
+# (the split g_j R_j is weakly identified when the HSI bands are correlated) and can cost
+# ~0.4 dB downstream.
+AUTO_RADIOMETRY_RATIO = 2.0
+# ... and only when the affine model explains at least this much more of the MSI's variance
+# on the LR grid (a ratio of two residuals at the noise floor means nothing).
+AUTO_RADIOMETRY_MIN_R2_GAIN = 0.01
+# Below this coefficient of determination (any MSI band, LR grid, chosen model) the MSI is
+# not a linear image of what the HSI sees; `estimate_calibrated` warns.
+MIN_MSI_R2 = 0.9
+
+
+def apply_msi_calibration(z: Any, calibration: dict[str, Any] | None) -> Any:
+  """The HR-MSI in the LR-HSI's units under a blind fit's calibration (`Fusion.calibration`,
+  `MethodResults.calibration`): max((z - offset) / gain, 0) per band for the "affine" model
+  (a view computed per window when z is read by windows), z itself otherwise."""
+  if not calibration or calibration.get("model") != "affine":
+    return z
+  gain, offset = (np.asarray(calibration[k], np.float32) for k in ("gain", "offset"))
+  if windowed.is_lazy(z):
+    return windowed.ImageView(z, offset=offset, scale=gain, clip=True)
+  return blind.calibrate_msi(z, gain, offset)
+
+
+def unit_sum(psf: Any) -> np.ndarray:
+  """The PSF as float32 scaled to sum 1; a PSF already summing to 1 (to float32 rounding) is
+  returned as it is, so normalising twice changes nothing."""
+  psf = np.asarray(psf, np.float32)
+  total = float(psf.sum())
+  return psf if abs(total - 1.0) <= 1e-6 else psf / np.float32(total)
+
+
+def estimate_calibrated(y: Any, z: Any, ratio: int, *, steps: int, lr: float,
+                        psf_size: int | None = None, radiometry: str = "none", crop: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray, Any, dict[str, Any]]:
+  """Blind PSF / SRF and the HR-MSI in the LR-HSI's units: (psf, srf, z_used, calibration).
+
+  Fitted on the central `crop` x `crop` LR pixels (`central_window`; 0 = whole images).
+  radiometry "none": the authors' model, z_used = z. "affine": Z_j = g_j rownorm(R)_j X + o_j
+  (`hsijax.sdp.blind`), z_used = max((z - o) / g, 0) (a view computed per window when z is
+  read by windows). "auto": both are fitted and the affine one is kept when
+  sum_j SS_res(none) > AUTO_RADIOMETRY_RATIO * sum_j SS_res(affine) on the LR grid and the
+  affine fit explains AUTO_RADIOMETRY_MIN_R2_GAIN more of sum_j SS_tot.
+  calibration: {"model": the one used, "gain", "offset" (in z's units), "r2" (per band, of the
+  model used), "ss_ratio" (auto only)}. Warns when min r2 < MIN_MSI_R2.
+  """
+  if radiometry not in blind.RADIOMETRY + ("auto",):
+    raise ValueError(f"unknown radiometry {radiometry!r}; use one of "
+                     f"{blind.RADIOMETRY + ('auto',)}")
+  y_fit, z_fit = central_window(y, z, ratio, crop)
+  kw = dict(psf_size=psf_size, num_steps=int(steps), lr=float(lr))
+  b = z.shape[-1]
+  cal: dict[str, Any] = {}
+  psf = srf = None
+  if radiometry in ("none", "auto"):
+    psf, srf = blind.estimate_psf_srf(y_fit, z_fit, ratio, **kw)
+    ss0, tot = (np.asarray(a) for a in blind.lr_residuals(psf, srf, y_fit, z_fit, ratio))
+    cal = {"model": "none", "gain": [1.0] * b, "offset": [0.0] * b,
+           "r2": (1.0 - ss0 / np.maximum(tot, 1e-30)).tolist()}
+  if radiometry in ("affine", "auto"):
+    psf1, srf1, c1 = blind.estimate_psf_srf(y_fit, z_fit, ratio, radiometry="affine", **kw)
+    aff = {"model": "affine", **{k: np.asarray(v).tolist() for k, v in c1.items()}}
+    if radiometry == "affine":
+      psf, srf, cal = psf1, srf1, aff
+    else:
+      ss1, _ = blind.lr_residuals(psf1, srf1, y_fit, z_fit, ratio, c1["gain"], c1["offset"])
+      ratio_ss = float(np.sum(ss0) / max(float(np.sum(ss1)), 1e-30))
+      r2_gain = float((np.sum(ss0) - np.sum(ss1)) / max(float(np.sum(tot)), 1e-30))
+      if ratio_ss > AUTO_RADIOMETRY_RATIO and r2_gain > AUTO_RADIOMETRY_MIN_R2_GAIN:
+        psf, srf, cal = psf1, srf1, aff
+      cal["ss_ratio"], cal["r2_gain"] = ratio_ss, r2_gain
+  z_used = apply_msi_calibration(z, cal)
+  if min(cal["r2"]) < MIN_MSI_R2:
+    hint = (" If the two sensors differ by a gain / offset per band, fit them: "
+            "blind_radiometry='affine' (--config.blind.radiometry=affine)."
+            if cal["model"] == "none" else "")
+    warnings.warn(
+        f"blind estimation: the HR-MSI fits the LR-HSI poorly on the LR grid (r2 per band "
+        f"{np.round(cal['r2'], 3).tolist()} with the {cal['model']!r} radiometric model): it is "
+        "not a linear image of the scene the LR-HSI sees (another date or sensor geometry, "
+        "nonlinear processing such as gamma-encoded RGB, misregistration). Methods that "
+        "trust the MSI (SDP, Baseline, detail injection, subspace LS) may fall below bicubic "
+        f"upsampling of the LR-HSI.{hint}", stacklevel=2)
+  return np.asarray(psf), np.asarray(srf), z_used, cal
+
+
 def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | None = None,
          psf: Any = None, srf: Any = None, steps: int | None = None,
          mesh: jax.sharding.Mesh | None = None, show_progress: bool = True,
@@ -327,15 +427,16 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
                         lr_rows=y.shape[0])
   seconds: dict[str, float] = {}
   is_blind = psf is None or srf is None
+  calibration = None
   if is_blind:
     t0 = time.perf_counter()
-    est_psf, est_srf = estimate_operators(y, z, r, steps=s.blind_steps, lr=s.blind_lr,
-                                          psf_size=s.psf_size, crop=s.blind_crop)
+    est_psf, est_srf, z, calibration = estimate_calibrated(
+        y, z, r, steps=s.blind_steps, lr=s.blind_lr, psf_size=s.psf_size,
+        radiometry=s.blind_radiometry if srf is None else "none", crop=s.blind_crop)
     seconds["blind"] = time.perf_counter() - t0
     psf = est_psf if psf is None else psf
     srf = est_srf if srf is None else srf
-  psf = np.asarray(psf, np.float32)
-  psf = psf / psf.sum()
+  psf = unit_sum(psf)
   srf = np.asarray(srf, np.float32)
   params = prior.params if prior is not None else None
   key = settings_lib.as_key(key)
@@ -357,5 +458,5 @@ def fuse(y: Any, z: Any, *, prior: Prior | None = None, key: Any, ratio: int | N
     x = np.asarray(x, np.float32) * np.float32(unit)
   seconds["solve"] = time.perf_counter() - t0
   return Fusion(x=x if out is not None else np.asarray(x, np.float32), psf=psf, srf=srf,
-                ratio=r, blind=is_blind, steps=n, seconds=seconds,
+                ratio=r, blind=is_blind, steps=n, calibration=calibration, seconds=seconds,
                 windows={"tile": tile, "overlap": overlap, "tiles_per_call": per_call})
