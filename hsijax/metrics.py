@@ -215,6 +215,11 @@ def ergas(x_ref, x, ratio: float) -> jax.Array:
 def uiqi(x_ref, x, window: int = UIQI_WINDOW) -> jax.Array:
   """Wang-Bovik Q on window x window sliding windows (stride 1, 'valid'), mean over windows,
   then over bands. Conventions for constant windows: see the module docstring."""
+  return jnp.mean(_uiqi_map(x_ref, x, window))
+
+
+def _uiqi_map(x_ref, x, window: int):
+  """Q of every window x window window: (H - window + 1, W - window + 1, B)."""
   if window < 1:
     raise ValueError(f"window must be a positive int (32 is standard), got {window}")
   x_ref, x = _pair(x_ref, x)
@@ -228,12 +233,17 @@ def uiqi(x_ref, x, window: int = UIQI_WINDOW) -> jax.Array:
   va = jnp.where(const_a, 0.0, jnp.maximum(_box_mean(a * a, wh, ww) - ma * ma, 0.0))
   vb = jnp.where(const_b, 0.0, jnp.maximum(_box_mean(b * b, wh, ww) - mb * mb, 0.0))
   cov = jnp.where(const_a | const_b, 0.0, _box_mean(a * b, wh, ww) - ma * mb)
-  return jnp.mean(_q_from_moments(ma + sa, mb + sb, va, vb, cov))
+  return _q_from_moments(ma + sa, mb + sb, va, vb, cov)
 
 
 @jax.jit
 def ssim(x_ref, x, data_range=None) -> jax.Array:
   """Mean over bands of the mean SSIM map (Gaussian 11 x 11, sigma 1.5, 'valid')."""
+  return jnp.mean(_ssim_map(x_ref, x, data_range))
+
+
+def _ssim_map(x_ref, x, data_range=None):
+  """SSIM of every Gaussian window: (H - 10, W - 10, B) (smaller images: one window)."""
   x_ref, x = _pair(x_ref, x)
   h, w, _ = x_ref.shape
   gh = _gauss1d(min(SSIM_SIZE, h), SSIM_SIGMA)
@@ -252,8 +262,7 @@ def ssim(x_ref, x, data_range=None) -> jax.Array:
   vb = jnp.maximum(_gauss_filter(b * b, gh, gw) - mb * mb, 0.0)
   cov = _gauss_filter(a * b, gh, gw) - ma * mb
   ma, mb = ma + sa, mb + sb
-  s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
-  return jnp.mean(jnp.mean(s, axis=(0, 1)))
+  return ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma * ma + mb * mb + c1) * (va + vb + c2))
 
 
 @functools.partial(jax.jit, static_argnames=("ratio",))
@@ -273,6 +282,38 @@ def all_metrics(x_ref, x, ratio: float) -> dict[str, float]:
   one compiled program per shape and ratio."""
   vals = _all_metrics(x_ref, x, ratio)
   return {k: float(vals[k]) for k in ("psnr", "sam", "rmse", "ergas", "uiqi", "ssim")}
+
+
+def masked_metrics(x_ref, x, ratio: float, valid) -> dict[str, float]:
+  """`all_metrics` over the pixels with valid[r, c] True (e.g. no-data pixels left out).
+
+  PSNR (peak over the valid pixels), SAM, RMSE and ERGAS are the metrics of the valid pixels
+  alone; UIQI and SSIM average their maps over the windows that hold valid pixels only (NaN
+  when no window does). valid None or all True: `all_metrics`.
+  """
+  valid = None if valid is None else np.asarray(valid, bool)
+  if valid is None or valid.all():
+    return all_metrics(x_ref, x, ratio)
+  x_ref, x = np.asarray(x_ref, np.float32), np.asarray(x, np.float32)
+  if valid.shape != x_ref.shape[:2]:
+    raise ValueError(f"valid {valid.shape} must be the images' (H, W) = {x_ref.shape[:2]}")
+  if not valid.any():
+    raise ValueError("valid marks no pixel; nothing to score")
+  ref_px, x_px = x_ref[valid][:, None], x[valid][:, None]  # (N, 1, B): pixel-wise metrics
+  out = {"psnr": float(psnr(ref_px, x_px)), "sam": float(sam(ref_px, x_px)),
+         "rmse": float(rmse(ref_px, x_px)), "ergas": float(ergas(ref_px, x_px, ratio))}
+  # Windowed metrics: fill invalid pixels with the reference (any value would do: only windows
+  # without invalid pixels are kept) and keep the windows whose pixels are all valid.
+  x = np.where(valid[..., None], x, x_ref)
+  inside = jnp.asarray(valid, jnp.float32)[..., None]
+  for name, fn, size in (("uiqi", _uiqi_map, UIQI_WINDOW), ("ssim", _ssim_map, SSIM_SIZE)):
+    vals = fn(x_ref, x, size) if name == "uiqi" else fn(x_ref, x)
+    wh, ww = vals.shape[0], vals.shape[1]
+    full = _window(inside, x_ref.shape[0] - wh + 1, x_ref.shape[1] - ww + 1, lax.min,
+                   jnp.inf)[..., 0] > 0
+    out[name] = float(jnp.sum(jnp.where(full[..., None], vals, 0.0)) /
+                      (jnp.sum(full) * vals.shape[-1])) if bool(full.any()) else float("nan")
+  return out
 
 
 @jax.jit
@@ -318,16 +359,34 @@ def _block_sides(h_lr: int, w_lr: int, block: int | None,
   return lr * ratio, lr
 
 
-def _block_pairwise_q(a, b, side: int | None):
+def _blocks(x, side: int):
+  """(H, W, C) -> (n, side * side, C): the non-overlapping side x side blocks, row-major."""
+  h, w, c = (x.shape[0] // side) * side, (x.shape[1] // side) * side, x.shape[2]
+  x = x[:h, :w].reshape(h // side, side, w // side, side, c).transpose(0, 2, 1, 3, 4)
+  return x.reshape(-1, side * side, c)
+
+
+def _block_weights(valid, side: int | None):
+  """(n,) 1.0 for the side x side blocks of an (H, W) valid mask without an invalid pixel;
+  None (every block counts) when valid is None."""
+  if valid is None:
+    return None
+  if side is None:
+    raise ValueError("no-reference metrics with a valid mask need blocks (block=None is the "
+                     "global Q over every pixel); pass block=32")
+  return jnp.min(_blocks(jnp.asarray(valid, jnp.float32)[..., None], side), axis=(1, 2))
+
+
+def _block_pairwise_q(a, b, side: int | None, weights=None):
   """Mean over non-overlapping side x side blocks of the per-block Q between every band of
-  a (H, W, P) and every band of b (H, W, R) -> (P, R); side None: the global Q."""
+  a (H, W, P) and every band of b (H, W, R) -> (P, R); side None: the global Q. weights
+  (n,) (`_block_weights`): the mean over the blocks with weight 1 only."""
   if side is None:
     return _pairwise_q(a.reshape(-1, a.shape[2]), b.reshape(-1, b.shape[2]))
-  def blocks(x):
-    h, w, c = (x.shape[0] // side) * side, (x.shape[1] // side) * side, x.shape[2]
-    x = x[:h, :w].reshape(h // side, side, w // side, side, c).transpose(0, 2, 1, 3, 4)
-    return x.reshape(-1, side * side, c)
-  return jnp.mean(jax.vmap(_pairwise_q)(blocks(a), blocks(b)), axis=0)
+  q = jax.vmap(_pairwise_q)(_blocks(a, side), _blocks(b, side))
+  if weights is None:
+    return jnp.mean(q, axis=0)
+  return jnp.einsum("n,npr->pr", weights, q) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def _check_dl(f, y, block):
@@ -345,13 +404,15 @@ def _check_dl(f, y, block):
 
 
 @functools.partial(jax.jit, static_argnames=("block",))
-def d_lambda(x_fused, y_lr, block: int | None = QNR_BLOCK) -> jax.Array:
+def d_lambda(x_fused, y_lr, block: int | None = QNR_BLOCK, valid=None) -> jax.Array:
   """Spectral distortion: mean over band pairs l != r of |Q(F_l, F_r) - Q(Y_l, Y_r)|, Q
-  block-averaged (`block` HR pixels, block / ratio LR; None: global)."""
+  block-averaged (`block` HR pixels, block / ratio LR; None: global). valid (H, W): only
+  blocks without an invalid HR pixel count (no-data left out)."""
   f, y = _image(x_fused, "x_fused"), _image(y_lr, "y_lr")
   hr, lr = _block_sides(y.shape[0], y.shape[1], block, _check_dl(f, y, block))
   bands = f.shape[2]
-  diff = jnp.abs(_block_pairwise_q(f, f, hr) - _block_pairwise_q(y, y, lr))
+  w = _block_weights(valid, hr)
+  diff = jnp.abs(_block_pairwise_q(f, f, hr, w) - _block_pairwise_q(y, y, lr, w))
   off = ~np.eye(bands, dtype=bool)
   return jnp.sum(jnp.where(off, diff, 0.0)) / (bands * (bands - 1))
 
@@ -371,17 +432,20 @@ def _check_ds(f, z, y, ratio):
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "block"))
-def d_s(x_fused, z_msi, y_lr, ratio: int, block: int | None = QNR_BLOCK) -> jax.Array:
+def d_s(x_fused, z_msi, y_lr, ratio: int, block: int | None = QNR_BLOCK,
+        valid=None) -> jax.Array:
   """Spatial distortion: mean over HSI bands l, MSI bands k of |Q(F_l, Z_k) - Q(Y_l, Zlr_k)|,
-  Zlr = Z block-averaged over ratio x ratio blocks; Q block-averaged as in `d_lambda`."""
+  Zlr = Z block-averaged over ratio x ratio blocks; Q block-averaged as in `d_lambda` (valid
+  too)."""
   f, z, y = _image(x_fused, "x_fused"), _image(z_msi, "z_msi"), _image(y_lr, "y_lr")
   _check_ds(f, z, y, ratio)
   r = int(ratio)
   h, w, nb = z.shape
   z_lr = z.reshape(h // r, r, w // r, r, nb).mean((1, 3))
   hr, lr = _block_sides(h // r, w // r, block, r)
-  q_hr = _block_pairwise_q(f, z, hr)
-  q_lr = _block_pairwise_q(y, z_lr, lr)
+  wts = _block_weights(valid, hr)
+  q_hr = _block_pairwise_q(f, z, hr, wts)
+  q_lr = _block_pairwise_q(y, z_lr, lr, wts)
   return jnp.mean(jnp.abs(q_hr - q_lr))
 
 
@@ -393,32 +457,36 @@ def qnr(x_fused, z_msi, y_lr, ratio: int, block: int | None = QNR_BLOCK) -> jax.
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "block"))
-def _no_reference(x_fused, z_msi, y_lr, ratio, block):
-  dl, ds = d_lambda(x_fused, y_lr, block), d_s(x_fused, z_msi, y_lr, ratio, block)
+def _no_reference(x_fused, z_msi, y_lr, ratio, block, valid=None):
+  dl = d_lambda(x_fused, y_lr, block, valid)
+  ds = d_s(x_fused, z_msi, y_lr, ratio, block, valid)
   return {"d_lambda": dl, "d_s": ds, "qnr": (1.0 - dl) * (1.0 - ds)}
 
 
 def no_reference_metrics(x_fused, z_msi, y_lr, ratio: int,
-                         block: int | None = QNR_BLOCK) -> dict[str, float]:
-  """{d_lambda, d_s, qnr} as floats (Q averaged over `block` x `block` HR blocks)."""
-  vals = _no_reference(x_fused, z_msi, y_lr, ratio, block)
+                         block: int | None = QNR_BLOCK, valid=None) -> dict[str, float]:
+  """{d_lambda, d_s, qnr} as floats (Q averaged over `block` x `block` HR blocks; with an
+  (H, W) valid mask over the blocks without no-data pixels only)."""
+  vals = _no_reference(x_fused, z_msi, y_lr, ratio, block, valid)
   return {k: float(vals[k]) for k in ("d_lambda", "d_s", "qnr")}
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "hr", "lr"))
-def _no_reference_sums(f, z, y, ratio, hr, lr):
+def _no_reference_sums(f, z, y, ratio, hr, lr, valid=None):
   """Block-summed pairwise Q matrices of one strip (for `no_reference_metrics_by_rows`)."""
   r = int(ratio)
   h, w, nb = z.shape
   z_lr = z.reshape(h // r, r, w // r, r, nb).mean((1, 3))
-  n = (h // hr) * (w // hr)
-  return {"ff": _block_pairwise_q(f, f, hr) * n, "yy": _block_pairwise_q(y, y, lr) * n,
-          "fz": _block_pairwise_q(f, z, hr) * n, "yz": _block_pairwise_q(y, z_lr, lr) * n,
-          "n": jnp.float32(n)}
+  wts = _block_weights(valid, hr)
+  n = jnp.float32((h // hr) * (w // hr)) if wts is None else jnp.sum(wts)
+  return {"ff": _block_pairwise_q(f, f, hr, wts) * n, "yy": _block_pairwise_q(y, y, lr, wts) * n,
+          "fz": _block_pairwise_q(f, z, hr, wts) * n,
+          "yz": _block_pairwise_q(y, z_lr, lr, wts) * n, "n": n}
 
 
 def no_reference_metrics_by_rows(rows_fn, z_msi, y_lr, ratio: int,
-                                 block: int = QNR_BLOCK, rows: int = 256) -> dict[str, float]:
+                                 block: int = QNR_BLOCK, rows: int = 256,
+                                 valid=None) -> dict[str, float]:
   """`no_reference_metrics` of a fused image read by rows (a scene larger than memory).
 
   rows_fn(a, b) -> the fused image's rows a..b-1 (b - a, W, B) (e.g. a `fileio.BandFile`
@@ -431,13 +499,15 @@ def no_reference_metrics_by_rows(rows_fn, z_msi, y_lr, ratio: int,
   r = int(ratio)
   hr, lr = _block_sides(y.shape[0], y.shape[1], block, r)
   if hr is None or H < hr or W < hr or hr % r:
-    return no_reference_metrics(rows_fn(0, H), np.asarray(z[:]), np.asarray(y[:]), r, block)
+    return no_reference_metrics(rows_fn(0, H), np.asarray(z[:]), np.asarray(y[:]), r, block,
+                                valid)
   step = hr * max(1, rows // hr)
   total = None
   for a in range(0, (H // hr) * hr, step):
     b = min(a + step, (H // hr) * hr)
     part = _no_reference_sums(jnp.asarray(rows_fn(a, b), jnp.float32), np.asarray(z[a:b]),
-                              np.asarray(y[a // r:b // r]), r, hr, lr)
+                              np.asarray(y[a // r:b // r]), r, hr, lr,
+                              None if valid is None else np.asarray(valid[a:b]))
     total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
   n = total["n"]
   bands = y.shape[2]

@@ -20,8 +20,9 @@ Writes DIR/fused.npz (X: SDP (H, W, B); X_baseline; psf, srf, scale), DIR/metric
 ({method: {d_lambda, d_s, qnr[, psnr, sam, rmse, ergas, uiqi]}, "seconds", "conventions"}),
 DIR/run.json, DIR/checkpoints/ and DIR/prior.json, and with a reference DIR/fusion.png and
 DIR/band_psnr.png. No-data pixels of the inputs (ENVI data ignore value, TIFF nodata, NaN)
-are filled for the solve, left out of the prior's training and NaN in X (`valid` in
-fused.npz); the metrics are of the filled images.
+are filled for the solve, left out of the prior's training and of the metrics (pixel
+metrics over the pixels with data, window / block metrics over the windows without no-data)
+and NaN in X (`valid` in fused.npz).
 """
 from __future__ import annotations
 
@@ -119,9 +120,10 @@ def run(config, workdir: str) -> dict:
                f"{np.round(c['gain'], 4).tolist()}, offset {np.round(c['offset'], 4).tolist()}, "
                f"LR-grid r2 {np.round(c['r2'], 4).tolist()}"
                + (f", residual ratio none / affine {c['ss_ratio']:.3g}" if "ss_ratio" in c else ""))
-  table = sdp.no_reference_table(out.results, y, z, ratio)
+  # No-data pixels are left out of every metric (pixels, windows or Q blocks holding them).
+  table = sdp.no_reference_table(out.results, y, z, ratio, valid=inp["valid"])
   if inp["reference"] is not None:
-    full = sdp.reference_table(inp["reference"], out.results, ratio)
+    full = sdp.reference_table(inp["reference"], out.results, ratio, valid=inp["valid"])
     table = {k: {**full[k], **v} for k, v in table.items()}
   seconds = {"train": prior.info["seconds"] if prior else 0.0, **out.seconds,
              "total": time.perf_counter() - t_start}

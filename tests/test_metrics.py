@@ -421,3 +421,57 @@ def test_jax_metrics_compose_under_jit_and_vmap():
   batch = np.stack([x, x_ref + 0.01])
   got = np.asarray(jax.vmap(lambda b: mj.rmse(x_ref, b))(batch))
   np.testing.assert_allclose(got, [mn.rmse(x_ref, x), 0.01], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- no-data masks
+
+
+def _masked_problem():
+  rng = np.random.default_rng(5)
+  ref = rng.uniform(0.1, 1.0, (40, 44, 5)).astype(np.float32)
+  x = (ref + 0.05 * rng.normal(size=ref.shape)).astype(np.float32)
+  valid = np.ones((40, 44), bool)
+  valid[3:5, 30:33] = False  # a no-data patch
+  return ref, x, valid
+
+
+def test_masked_metrics_are_the_metrics_of_the_valid_pixels_and_windows():
+  ref, x, valid = _masked_problem()
+  got = mj.masked_metrics(ref, x, 4, valid)
+  # Pixel metrics: the oracle on the valid pixels alone, as an (N, 1, B) image.
+  r_px, x_px = ref[valid][:, None], x[valid][:, None]
+  assert got["psnr"] == pytest.approx(mn.psnr(r_px, x_px), rel=1e-5)
+  assert got["sam"] == pytest.approx(mn.sam(r_px, x_px), rel=1e-4)
+  assert got["rmse"] == pytest.approx(mn.rmse(r_px, x_px), rel=1e-5)
+  assert got["ergas"] == pytest.approx(mn.ergas(r_px, x_px, 4), rel=1e-5)
+  # UIQI: the mean of the oracle's Q over every 32 x 32 window without a no-data pixel.
+  qs = [mn.uiqi(ref[i:i + 32, j:j + 32], x[i:i + 32, j:j + 32])
+        for i in range(40 - 31) for j in range(44 - 31) if valid[i:i + 32, j:j + 32].all()]
+  assert 0 < len(qs) < 9 * 13 and got["uiqi"] == pytest.approx(np.mean(qs), rel=1e-4)
+  # Garbage under the mask changes nothing; without the mask it does.
+  x_bad = x.copy()
+  x_bad[~valid] = 50.0
+  assert mj.masked_metrics(ref, x_bad, 4, valid) == pytest.approx(got, rel=1e-5)
+  assert mj.all_metrics(ref, x_bad, 4)["psnr"] < got["psnr"] - 3
+  assert mj.masked_metrics(ref, x, 4, np.ones_like(valid)) == mj.all_metrics(ref, x, 4)
+
+
+def test_masked_no_reference_metrics_skip_blocks_with_no_data():
+  ref, x, valid = _masked_problem()
+  y = ref[:40, :44].reshape(10, 4, 11, 4, 5).mean((1, 3))
+  f = np.asarray(x[:40, :44])
+  z = ref[:40, :44, :3]
+  v = valid[:40, :44]
+  got = mj.no_reference_metrics(f, z, y, 4, block=8, valid=v)
+  f_bad = f.copy()
+  f_bad[~v] = 9.0
+  assert mj.no_reference_metrics(f_bad, z, y, 4, block=8, valid=v) == pytest.approx(got,
+                                                                                      rel=1e-5)
+  assert mj.no_reference_metrics(f_bad, z, y, 4, block=8)["d_lambda"] > got["d_lambda"]
+  # By strips of rows == whole image, mask included.
+  by_rows = mj.no_reference_metrics_by_rows(lambda a, b: f[a:b], z, y, 4, block=8,
+                                                 rows=16, valid=v)
+  assert by_rows == pytest.approx(got, rel=1e-4)
+  # An all-valid mask is no mask.
+  assert mj.no_reference_metrics(f, z, y, 4, block=8, valid=np.ones_like(v)) == \
+      pytest.approx(mj.no_reference_metrics(f, z, y, 4, block=8), rel=1e-6)

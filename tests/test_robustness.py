@@ -252,3 +252,28 @@ def test_load_prior_skips_a_damaged_step(tmp_path):
   with pytest.warns(UserWarning, match="damaged"):
     prior = sdp.load_prior(tmp_path)
   assert prior.info["steps"] == 2
+
+
+def test_no_data_pixels_are_left_out_of_the_metrics(tmp_path):
+  # The reference's values under the no-data pixels must not matter: garbage there gives the
+  # same table as the clean reference.
+  y, z = _pair()
+  y = y.copy()
+  y[1, 2] = np.nan
+  x_ref = np.repeat(np.repeat(y, 2, 0), 2, 1)  # any (H, W, B) reference will do
+  x_ref = np.nan_to_num(x_ref, nan=0.5)
+  garbage = x_ref.copy()
+  garbage[2:4, 4:6] = 100.0
+  np.savez(tmp_path / "in.npz", Y=y, Z=z, R=x_ref, G=garbage)
+  from launch import fuse
+  tables = []
+  for key in ("R", "G"):
+    cfg = sdp_config.get_config("real,fast")
+    cfg.data.hsi, cfg.data.msi = f"{tmp_path}/in.npz:Y", f"{tmp_path}/in.npz:Z"
+    cfg.data.reference = f"{tmp_path}/in.npz:{key}"
+    cfg.data.scale = "separate"
+    cfg.methods, cfg.blind.steps = "bicubic", 3
+    tables.append(fuse.run(cfg, str(tmp_path / key))["bicubic"])
+  # (UIQI is NaN here: its one 32 x 16 window holds the no-data pixels.)
+  assert tables[0] == pytest.approx(tables[1], rel=1e-5, nan_ok=True)
+  assert np.isfinite(tables[0]["psnr"]) and np.isfinite(tables[0]["sam"])

@@ -130,25 +130,30 @@ def _classical_windows(name, y, z, psf, srf, ratio, out, mesh):
 
 
 def reference_table(reference: Any, results: dict[str, Any], ratio: int,
-                    keys: Sequence[str] = FULL_REFERENCE_KEYS) -> dict[str, dict[str, float]]:
-  """method -> {psnr, sam, rmse, ergas, uiqi} against the (H, W, B) reference."""
+                    keys: Sequence[str] = FULL_REFERENCE_KEYS, valid: Any = None
+                    ) -> dict[str, dict[str, float]]:
+  """method -> {psnr, sam, rmse, ergas, uiqi} against the (H, W, B) reference; with an
+  (H, W) `valid` mask over the pixels with data only (`metrics.masked_metrics`)."""
   out = {}
   for name, x in results.items():
-    m = metrics.all_metrics(reference, x, ratio)
+    m = metrics.masked_metrics(reference, x, ratio, valid)
     out[name] = {k: float(m[k]) for k in keys}
   return out
 
 
-def no_reference_table(results: dict[str, Any], y: Any, z: Any, ratio: int
-                       ) -> dict[str, dict[str, float]]:
+def no_reference_table(results: dict[str, Any], y: Any, z: Any, ratio: int,
+                       valid: Any = None) -> dict[str, dict[str, float]]:
   """method -> {d_lambda, d_s, qnr} (Alparone et al. 2008); results on disk
-  (`fileio.BandFile`) are read by strips of rows."""
+  (`fileio.BandFile`) are read by strips of rows. With an (H, W) `valid` mask only the Q
+  blocks without no-data pixels count."""
   out = {}
   for name, x in results.items():
     if isinstance(x, np.ndarray):
-      out[name] = metrics.no_reference_metrics(x, windowed.load(z), windowed.load(y), ratio)
+      out[name] = metrics.no_reference_metrics(x, windowed.load(z), windowed.load(y), ratio,
+                                               valid=valid)
     else:
-      out[name] = metrics.no_reference_metrics_by_rows(lambda a, b, x=x: x[a:b], z, y, ratio)
+      out[name] = metrics.no_reference_metrics_by_rows(lambda a, b, x=x: x[a:b], z, y, ratio,
+                                                       valid=valid)
   return out
 
 
