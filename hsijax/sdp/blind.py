@@ -175,13 +175,13 @@ def estimate_psf_srf(y: jax.Array, z: jax.Array, ratio: int, *, psf_size: int | 
   return (psf, srf, losses) if return_losses else (psf, srf)
 
 
-@functools.partial(jax.jit, static_argnames=("ratio", "k", "num_steps", "lr"))
-def _estimate(y, z, *, ratio, k, num_steps, lr):
-  b, B = z.shape[-1], y.shape[-1]
+def _projected_adam(objective, b: int, B: int, k: int, num_steps: int, lr: float):
+  """(psf, srf, losses): Adam on objective(psf, srf) from the uniform PSF and SRF, the PSF
+  and SRF projected after every step (`project_psf`, `project_srf`); one lax.scan."""
   params = (jnp.full((k, k), 1.0 / (k * k), jnp.float32),
             jnp.full((b, B), 1.0 / B, jnp.float32))
   opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)  # torch Adam, no weight decay
-  value_and_grad = jax.value_and_grad(lambda p: blind_objective(p[0], p[1], y, z, ratio))
+  value_and_grad = jax.value_and_grad(lambda p: objective(p[0], p[1]))
 
   def step(carry, _):
     p, state = carry
@@ -195,21 +195,16 @@ def _estimate(y, z, *, ratio, k, num_steps, lr):
 
 
 @functools.partial(jax.jit, static_argnames=("ratio", "k", "num_steps", "lr"))
+def _estimate(y, z, *, ratio, k, num_steps, lr):
+  return _projected_adam(lambda psf, srf: blind_objective(psf, srf, y, z, ratio),
+                         z.shape[-1], y.shape[-1], k, num_steps, lr)
+
+
+@functools.partial(jax.jit, static_argnames=("ratio", "k", "num_steps", "lr"))
 def _estimate_affine(y, z, *, ratio, k, num_steps, lr):
   """As `_estimate` with the per-band gain / offset solved in closed form at every step."""
-  b, B = z.shape[-1], y.shape[-1]
-  params = (jnp.full((k, k), 1.0 / (k * k), jnp.float32),
-            jnp.full((b, B), 1.0 / B, jnp.float32))
-  opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
-  value_and_grad = jax.value_and_grad(lambda p: affine_objective(p[0], p[1], y, z, ratio)[0])
-
-  def step(carry, _):
-    p, state = carry
-    loss, g = value_and_grad(p)
-    updates, state = opt.update(g, state, p)
-    psf, srf = optax.apply_updates(p, updates)
-    return ((project_psf(psf), project_srf(srf)), state), loss
-
-  (params, _), losses = jax.lax.scan(step, (params, opt.init(params)), None, length=num_steps)
-  _, cal = affine_objective(params[0], params[1], y, z, ratio)
-  return params[0], params[1], losses, cal
+  psf, srf, losses = _projected_adam(
+      lambda p, r: affine_objective(p, r, y, z, ratio)[0], z.shape[-1], y.shape[-1], k,
+      num_steps, lr)
+  _, cal = affine_objective(psf, srf, y, z, ratio)
+  return psf, srf, losses, cal
