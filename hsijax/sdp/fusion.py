@@ -276,11 +276,11 @@ def estimate_operators(y: Any, z: Any, ratio: int, *, steps: int, lr: float,
 
 
 # "auto" radiometry keeps the affine (gain / offset) model only when the authors' model leaves
-# more than this many times its LR-grid residual sum of squares. Same-sensor simulated pairs
-# measured 1.0-1.3, pairs with per-band gains 0.7-1.4 and offsets of 2-5 % 10 or more
-# (docs/sdp_results.md); fitting the gain where none exists trades it against the SRF rows
-# (the split g_j R_j is weakly identified when the HSI bands are correlated) and can cost
-# ~0.4 dB downstream.
+# more than this many times its LR-grid residual sum of squares. Measured with the `real,fast`
+# settings (docs/sdp_results.md): 0.2-3.5 on six same-sensor simulated pairs (the affine fit,
+# a harder problem for the same Adam budget, can even end worse: 0.22 on aviris_moffett, where
+# always using it cost SDP 3.4 dB), 7.5 and 15 on two others, 120-840 on pairs with per-band
+# gains 0.7-1.4 and offsets of 2-5 %, 3.5 on a real CASI + RGB pair.
 AUTO_RADIOMETRY_RATIO = 2.0
 # ... and only when the affine model explains at least this much more of the MSI's variance
 # on the LR grid (a ratio of two residuals at the noise floor means nothing).
