@@ -115,11 +115,7 @@ def run(config, workdir: str) -> dict:
                         steps=cfg.solver.num_steps, mesh=mesh, policy=policy, outputs=files,
                         **sdp_config.fusion_settings(cfg))
   if out.calibration is not None:
-    c = out.calibration
-    common.log(f"MSI radiometry ({cfg.blind.radiometry}): model {c['model']}, gain "
-               f"{np.round(c['gain'], 4).tolist()}, offset {np.round(c['offset'], 4).tolist()}, "
-               f"LR-grid r2 {np.round(c['r2'], 4).tolist()}"
-               + (f", residual ratio none / affine {c['ss_ratio']:.3g}" if "ss_ratio" in c else ""))
+    common.log(report.calibration_line(out.calibration, cfg.blind.radiometry))
   # No-data pixels are left out of every metric (pixels, windows or Q blocks holding them).
   table = sdp.no_reference_table(out.results, y, z, ratio, valid=inp["valid"])
   if inp["reference"] is not None:

@@ -36,6 +36,14 @@ def save_fusion_figures(workdir: pathlib.Path, reference: np.ndarray,
   return paths
 
 
+def calibration_line(c: dict, setting: str) -> str:
+  """One log line of the blind fit's MSI radiometry (`MethodResults.calibration`)."""
+  ratio = f", residual ratio none / affine {c['ss_ratio']:.3g}" if "ss_ratio" in c else ""
+  return (f"MSI radiometry ({setting}): model {c['model']}, gain "
+          f"{np.round(c['gain'], 4).tolist()}, offset {np.round(c['offset'], 4).tolist()}, "
+          f"LR-grid r2 {np.round(c['r2'], 4).tolist()}{ratio}")
+
+
 def prior_summary(prior) -> dict[str, Any] | None:
   """What run.json records of the spectral prior."""
   if prior is None:
