@@ -221,13 +221,18 @@ def map_tiles(fn: Callable[..., jax.Array], grid: TileGrid,
   top = 0  # scene row of the strip's first row; rows above it are written
 
   def flush(upto):
-    nonlocal top, acc, norm
+    nonlocal top
     k = min(upto, H) - top
     if k <= 0:
       return
     out[top:top + k] = acc[:k] / norm[:k]
-    acc = np.concatenate([acc[k:], np.zeros((k,) + acc.shape[1:], np.float32)])
-    norm = np.concatenate([norm[k:], np.zeros((k, W, 1), np.float32)])
+    # Shift the strip up by k rows in place, k rows at a time (no block overlaps its source,
+    # so no temporary copy of the strip), and clear the freed rows.
+    for buf in (acc, norm):
+      for a in range(0, rows - k, k):
+        b = min(a + k, rows - k)
+        buf[a:b] = buf[a + k:b + k]
+      buf[rows - k:] = 0
     top += k
 
   calls = list(chunks(n, tiles_per_call, mesh.shape[sharding.DATA_AXIS]))
