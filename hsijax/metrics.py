@@ -484,15 +484,19 @@ def _no_reference_sums(f, z, y, ratio, hr, lr, valid=None):
           "yz": _block_pairwise_q(y, z_lr, lr, wts) * n, "n": n}
 
 
+QNR_STRIP_BYTES = 64 * 2**20
+
+
 def no_reference_metrics_by_rows(rows_fn, z_msi, y_lr, ratio: int,
-                                 block: int = QNR_BLOCK, rows: int = 256,
+                                 block: int = QNR_BLOCK, rows: int | None = None,
                                  valid=None) -> dict[str, float]:
   """`no_reference_metrics` of a fused image read by rows (a scene larger than memory).
 
   rows_fn(a, b) -> the fused image's rows a..b-1 (b - a, W, B) (e.g. a `fileio.BandFile`
-  slice). The image is read in strips of whole Q blocks; the block-averaged Q matrices are
-  combined over the strips, so the result equals the whole-image computation (to float
-  rounding). Images smaller than a block fall back to it.
+  slice). The image is read in strips of whole Q blocks (`rows` rows; None: about
+  QNR_STRIP_BYTES of float32 fused rows, at least one row of blocks); the block-averaged Q
+  matrices are combined over the strips, so the result equals the whole-image computation
+  (to float rounding). Images smaller than a block fall back to it.
   """
   z, y = z_msi, y_lr  # arrays or images read by windows (`hsijax.windowed`): sliced by strips
   H, W = z.shape[:2]
@@ -501,7 +505,9 @@ def no_reference_metrics_by_rows(rows_fn, z_msi, y_lr, ratio: int,
   if hr is None or H < hr or W < hr or hr % r:
     return no_reference_metrics(rows_fn(0, H), np.asarray(z[:]), np.asarray(y[:]), r, block,
                                 valid)
-  step = hr * max(1, rows // hr)
+  if rows is None:
+    rows = QNR_STRIP_BYTES // (4 * W * max(y.shape[2], z.shape[2]))
+  step = hr * max(1, int(rows) // hr)
   total = None
   for a in range(0, (H // hr) * hr, step):
     b = min(a + step, (H // hr) * hr)
