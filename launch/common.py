@@ -50,6 +50,9 @@ def naming(flag: str, spec: str):
     raise type(e)(f"{flag}={spec}: {e}") from e
 
 
+MEDIAN_PIXELS = 2**20  # pixels whose band medians fill no-data pixels (all, when fewer)
+
+
 def open_image(spec: str, flag: str) -> tuple[Any, np.ndarray | None, Any]:
   """An (H, W, C) image FILE[:KEY] opened to be read by windows (`hsijax.windowed`; formats
   that cannot be are read whole), its valid-pixel mask (None when every pixel is valid) and
@@ -71,8 +74,6 @@ def open_image(spec: str, flag: str) -> tuple[Any, np.ndarray | None, Any]:
   fill = np.median(windowed.sample_pixels(img, MEDIAN_PIXELS, valid=valid), axis=0)
   return windowed.ImageView(img, fill=fill), valid, img.wavelengths_nm
 
-
-MEDIAN_PIXELS = 2**20  # pixels whose band medians fill no-data pixels (all, when fewer)
 
 
 def load_input(spec: str, flag: str, ndim: tuple[int, ...] = (3,),

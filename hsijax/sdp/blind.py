@@ -40,6 +40,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hsijax import degrade
@@ -113,7 +114,6 @@ def lr_residuals(psf, srf, y, z, ratio: int, gain=None, offset=None):
 def calibrate_msi(z, gain, offset):
   """Z'_j = max((Z_j - o_j) / g_j, 0): the HR-MSI in the LR-HSI's units (Z' = rownorm(R) X;
   R X >= 0 for X >= 0, R >= 0, so negative values are noise and are clipped)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   z = np.asarray(z, np.float32)
   return np.maximum((z - np.asarray(offset, np.float32)) / np.asarray(gain, np.float32),
                     0.0).astype(np.float32)
