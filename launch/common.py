@@ -75,7 +75,6 @@ def open_image(spec: str, flag: str) -> tuple[Any, np.ndarray | None, Any]:
   return windowed.ImageView(img, fill=fill), valid, img.wavelengths_nm
 
 
-
 def load_input(spec: str, flag: str, ndim: tuple[int, ...] = (3,),
                default_key: str | None = None) -> np.ndarray:
   """FILE[:KEY] as float32, with errors that name the flag; checks the dimensions."""
