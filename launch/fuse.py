@@ -116,6 +116,8 @@ def run(config, workdir: str) -> dict:
                         **sdp_config.fusion_settings(cfg))
   if out.calibration is not None:
     common.log(report.calibration_line(out.calibration, cfg.blind.radiometry))
+  if out.blind:
+    common.log(report.geometry_line(out.psf, ratio))
   # No-data pixels are left out of every metric (pixels, windows or Q blocks holding them).
   table = sdp.no_reference_table(out.results, y, z, ratio, valid=inp["valid"])
   if inp["reference"] is not None:
@@ -129,6 +131,7 @@ def run(config, workdir: str) -> dict:
   common.write_json(workdir / "metrics.json", result)
   common.write_json(workdir / "run.json", {
       "ratio": ratio, "blind": out.blind, "msi_calibration": out.calibration,
+      "lr_pixel_centre_hr_px": sdp.blind.footprint_centre(out.psf).round(3).tolist(),
       "scale": inp["scale"], "methods": list(out.results),
       "output_X": main, "train": report.prior_summary(prior), "windows": windows,
       "files": written, "policy": policy.__dict__,

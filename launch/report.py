@@ -44,6 +44,16 @@ def calibration_line(c: dict, setting: str) -> str:
           f"LR-grid r2 {np.round(c['r2'], 4).tolist()}{ratio}")
 
 
+def geometry_line(psf, ratio: int) -> str:
+  """One log line of where the blind PSF puts the LR-HSI pixels on the HR grid."""
+  c = sdp.blind.footprint_centre(psf)
+  return (f"blind PSF: LR pixel (i, j) is centred on HR pixel ({ratio} i {c[0]:+.2f}, "
+          f"{ratio} j {c[1]:+.2f}); images sharing their outer corners give "
+          f"{(ratio - 1) / 2:+.2f} on both axes, every {ratio}-th pixel of a blurred image "
+          "+0.00; another value suggests the MSI is misregistered, which the PSF absorbs "
+          "(the fused image is on the MSI's grid)")
+
+
 def prior_summary(prior) -> dict[str, Any] | None:
   """What run.json records of the spectral prior."""
   if prior is None:

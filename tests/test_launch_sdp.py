@@ -203,6 +203,9 @@ def test_fuse_end_to_end_with_reference(tmp_path):
     assert f["psf"].shape == (3, 3) and f["srf"].shape == (3, 10)  # blind, ratio 2 -> 3 x 3
   run = json.loads((tmp_path / "out" / "run.json").read_text())
   assert run["ratio"] == 2 and run["blind"] is True
+  with np.load(tmp_path / "out" / "fused.npz") as f:  # where the blind PSF puts the LR pixels
+    np.testing.assert_allclose(run["lr_pixel_centre_hr_px"],
+                               sdp.blind.footprint_centre(f["psf"]), atol=1e-3)
 
 
 def test_library_fuse_reproduces_launch_fuse_bit_for_bit(tmp_path):

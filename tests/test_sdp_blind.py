@@ -132,3 +132,31 @@ def test_none_radiometry_unchanged_and_auto_detects_cross_sensor():
   assert np.abs(z_used - np.asarray(z)).mean() < 0.02 * np.asarray(z).mean()
   with pytest.raises(ValueError, match="radiometry"):
     blind.estimate_psf_srf(y, z, R, num_steps=1, radiometry="gamma")
+
+
+def test_footprint_centre_follows_blur_down():
+  # blur_down of a ramp x[h, w] = h (resp. w) is r i + c[0] (resp. r j + c[1]) away from the
+  # zero-padded border, for any PSF: an independent check of the sign convention.
+  rng = np.random.default_rng(3)
+  r, k = 3, 7
+  psf = np.zeros((k, k), np.float32)
+  psf[1:5, 2:7] = rng.random((4, 5))
+  psf /= psf.sum()
+  h = w = 8 * r
+  hh, ww = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32),
+                       indexing="ij")
+  out = np.asarray(degrade.blur_down(np.stack([hh, ww], -1), jnp.asarray(psf), r))
+  c = blind.footprint_centre(psf)
+  i = np.arange(2, 6)
+  np.testing.assert_allclose(out[2:6, 3, 0], r * i + c[0], atol=1e-4)
+  np.testing.assert_allclose(out[3, 2:6, 1], r * i + c[1], atol=1e-4)
+  assert abs(c[0]) > 0.2 and abs(c[1]) > 0.2                    # an off-centre PSF was drawn
+  # The two conventions the docstring names: a centred PSF gives 0, block averaging (images
+  # sharing their outer corners) (r - 1) / 2.
+  np.testing.assert_allclose(blind.footprint_centre(degrade.gaussian_psf(r)), 0.0, atol=1e-6)
+  box = np.zeros((2 * r - 1, 2 * r - 1), np.float32)
+  box[:r, :r] = 1.0 / r ** 2
+  x = rng.random((h, w, 2)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(degrade.blur_down(x, jnp.asarray(box), r)),
+                             x.reshape(h // r, r, w // r, r, 2).mean((1, 3)), atol=1e-5)
+  np.testing.assert_allclose(blind.footprint_centre(box), (r - 1) / 2, atol=1e-6)

@@ -13,11 +13,12 @@ Building blocks:
   SpectralDenoiser, fold_time_condition, apply_with_input_grad denoiser.py
   make_solver, make_batched_solver, fusion_loss, fusion_grad   solver.py (Algorithm 1)
   make_tiled_solver, fuse_tiled                                tiled.py (windows of large scenes)
-  estimate_psf_srf                                             blind.py
+  estimate_psf_srf, footprint_centre                           blind.py
   make_train_step, make_optimizer, init_train_state, fit,      train.py
   sample_spectra, evaluate_fid
 """
-from hsijax.sdp.blind import blind_objective, estimate_psf_srf, project_psf, project_srf
+from hsijax.sdp.blind import (blind_objective, estimate_psf_srf, footprint_centre, project_psf,
+                              project_srf)
 from hsijax.sdp.denoiser import (SpectralDenoiser, apply_with_input_grad, count_params,
                                  fold_time_condition, time_condition)
 from hsijax.sdp.evaluate import (METHODS, Evaluation, MethodResults, evaluate_cube,
@@ -47,7 +48,7 @@ __all__ = [
     "apply_with_input_grad",
     "make_solver", "make_batched_solver", "fusion_loss", "fusion_grad", "initial_x",
     "respaced_lr_scale", "make_tiled_solver", "fuse_tiled",
-    "estimate_psf_srf", "blind_objective", "project_psf", "project_srf",
+    "estimate_psf_srf", "footprint_centre", "blind_objective", "project_psf", "project_srf",
     "TrainState", "make_optimizer", "init_train_state", "make_train_step", "fit",
     "diffusion_loss", "sample_spectra", "evaluate_fid",
 ]

@@ -119,6 +119,27 @@ def calibrate_msi(z, gain, offset):
                     0.0).astype(np.float32)
 
 
+def footprint_centre(psf) -> np.ndarray:
+  """Where a LR-HSI pixel sits on the HR grid under `psf`: (2,) offsets (rows, cols).
+
+  `degrade.blur_down` makes LR pixel (i, j) from the HR pixels around (r i, r j); a PSF whose
+  centre of mass lies m pixels from the kernel's centre moves that footprint to
+  (r i, r j) - m. Returns -m, so LR pixel (i, j) is centred on HR position
+  (r i + c[0], r j + c[1]). Images that share their outer corners (each LR pixel covering an
+  r x r block of HR pixels) give (r - 1) / 2 on both axes; a simulation that keeps every r-th
+  pixel of the blurred image (`degrade.blur_down`) gives 0. A blind PSF centred elsewhere
+  than the two images' geometry implies suggests a misregistration of the MSI, which the PSF
+  absorbs (the fused image is then on the MSI's grid); the blind fit does not always find
+  shifts near the edge of its support, so this is a hint, not a registration.
+  """
+  psf = np.asarray(psf, np.float64)
+  k = np.array(psf.shape, np.float64)
+  mass = max(float(psf.sum()), 1e-30)
+  rows = np.arange(psf.shape[0]) - (k[0] - 1) / 2
+  cols = np.arange(psf.shape[1]) - (k[1] - 1) / 2
+  return -np.array([psf.sum(axis=1) @ rows, psf.sum(axis=0) @ cols]) / mass
+
+
 def project_psf(psf: jax.Array) -> jax.Array:
   """Clip to [0, 1], then scale to sum 1."""
   psf = jnp.clip(psf, 0.0, 1.0)
