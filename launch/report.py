@@ -46,10 +46,10 @@ def calibration_line(c: dict, setting: str) -> str:
 
 def geometry_line(psf, ratio: int) -> str:
   """One log line of where the blind PSF puts the LR-HSI pixels on the HR grid."""
-  c = sdp.blind.footprint_centre(psf)
+  c = np.round(sdp.blind.footprint_centre(psf), 2) + 0.0  # no "-0.00"
   return (f"blind PSF: LR pixel (i, j) is centred on HR pixel ({ratio} i {c[0]:+.2f}, "
           f"{ratio} j {c[1]:+.2f}); images sharing their outer corners give "
-          f"{(ratio - 1) / 2:+.2f} on both axes, every {ratio}-th pixel of a blurred image "
+          f"{(ratio - 1) / 2:+.2f} on both axes, a blurred image decimated from its first pixel "
           "+0.00; another value suggests the MSI is misregistered, which the PSF absorbs "
           "(the fused image is on the MSI's grid)")
 
