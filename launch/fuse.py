@@ -114,10 +114,8 @@ def run(config, workdir: str) -> dict:
                         methods=methods, psf=inp["psf"], srf=inp["srf"],
                         steps=cfg.solver.num_steps, mesh=mesh, policy=policy, outputs=files,
                         **sdp_config.fusion_settings(cfg))
-  if out.calibration is not None:
-    common.log(report.calibration_line(out.calibration, cfg.blind.radiometry))
-  if out.blind:
-    common.log(report.geometry_line(out.psf, ratio))
+  for line in report.blind_fit_lines(out, cfg.blind.radiometry):
+    common.log(line)
   # No-data pixels are left out of every metric (pixels, windows or Q blocks holding them).
   table = sdp.no_reference_table(out.results, y, z, ratio, valid=inp["valid"])
   if inp["reference"] is not None:

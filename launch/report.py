@@ -54,6 +54,12 @@ def geometry_line(psf, ratio: int) -> str:
           "(the fused image is on the MSI's grid)")
 
 
+def blind_fit_lines(out, setting: str) -> list[str]:
+  """The log lines of a blind fit (`MethodResults` of `run_methods`): MSI radiometry, geometry."""
+  lines = [] if out.calibration is None else [calibration_line(out.calibration, setting)]
+  return lines + ([geometry_line(out.psf, out.ratio)] if out.blind else [])
+
+
 def prior_summary(prior) -> dict[str, Any] | None:
   """What run.json records of the spectral prior."""
   if prior is None:

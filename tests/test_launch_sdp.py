@@ -187,10 +187,11 @@ def _fuse_cfg(tmp_path, **data):
   return cfg
 
 
-def test_fuse_end_to_end_with_reference(tmp_path):
+def test_fuse_end_to_end_with_reference(tmp_path, capsys):
   sc, y, _ = _fuse_inputs(tmp_path)
   cfg = _fuse_cfg(tmp_path, reference=str(tmp_path / "ref.npz") + ":X")
   table = fuse.run(cfg, str(tmp_path / "out"))
+  assert "blind PSF: LR pixel (i, j) is centred on HR pixel (2 i " in capsys.readouterr().out
   _check_table(table, keys=FULL_REF | {"d_lambda", "d_s", "qnr"})
   for v in (table[m] for m in METHODS):
     assert 0 <= v["d_lambda"] <= 2 and 0 <= v["d_s"] <= 2
