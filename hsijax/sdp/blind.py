@@ -133,11 +133,9 @@ def footprint_centre(psf) -> np.ndarray:
   shifts near the edge of its support, so this is a hint, not a registration.
   """
   psf = np.asarray(psf, np.float64)
-  k = np.array(psf.shape, np.float64)
-  mass = max(float(psf.sum()), 1e-30)
-  rows = np.arange(psf.shape[0]) - (k[0] - 1) / 2
-  cols = np.arange(psf.shape[1]) - (k[1] - 1) / 2
-  return -np.array([psf.sum(axis=1) @ rows, psf.sum(axis=0) @ cols]) / mass
+  rows = np.arange(psf.shape[0]) - (psf.shape[0] - 1) / 2
+  cols = np.arange(psf.shape[1]) - (psf.shape[1] - 1) / 2
+  return -np.array([psf.sum(axis=1) @ rows, psf.sum(axis=0) @ cols]) / max(psf.sum(), 1e-30)
 
 
 def project_psf(psf: jax.Array) -> jax.Array:
