@@ -190,6 +190,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.reference = ""   # fuse: optional full-resolution reference FILE[:KEY], (H, W, B)
   c.data.train_pixels = ""  # fuse: optional clean spectra FILE[:KEY], (N, B) or (h, w, B)
   c.data.max_train_pixels = 262144  # fuse: LR-HSI pixels the prior trains on (all if fewer)
+  # fuse: when the prior trains on LR-HSI pixels, project them onto their first `train_rank`
+  # principal directions first (hsijax.sdp.low_rank_pixels; 0 = as read). `real` uses 10.
+  c.data.train_rank = 0
   c.data.psf = ""         # fuse: optional known PSF FILE[:KEY], (k, k)
   c.data.srf = ""         # fuse: optional known SRF FILE[:KEY], (b, B)
   c.data.wavelengths_nm = ""  # "START:STOP" band-centre range when the file has none
@@ -224,6 +227,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # chosen on every cross-sensor pair measured; the authors' model kept on 6 of 8 same-sensor
     # ones, where always fitting the gain cost up to 3.4 dB).
     c.blind.radiometry = "auto"
+    # The prior learns the LR-HSI's noise with its spectra; a rank-10 projection (HySure's
+    # subspace size) removed it and raised SDP on every real-preset pair measured
+    # (docs/sdp_results.md).
+    c.data.train_rank = 10
   elif preset == "crop":
     _warm_solver(c)
     c.data.ratio = 4
@@ -282,6 +289,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                            ("solver.K", c.solver.K, 1), ("blind.steps", c.blind.steps, 0),
                            ("blind.crop", c.blind.get("crop", 256), 0),
                            ("data.max_train_pixels", c.data.get("max_train_pixels", 1), 1),
+                           ("data.train_rank", c.data.get("train_rank", 0), 0),
                            ("model.hidden", c.model.hidden, 1),
                            ("diffusion.num_timesteps", c.diffusion.num_timesteps, 21)):
     if int(value) < low:

@@ -9,12 +9,12 @@
 Inputs are FILE[:KEY] (.npz / .mat / .h5 / .tif / .npy / ENVI): the LR-HSI (h, w, B) and the
 HR-MSI (H, W, b), H = r h, W = r w for any integer ratio r (from the shapes). PSF (k, k) and
 SRF (b, B) are estimated blindly unless given; the prior is trained on the LR-HSI's pixels
-unless clean `train_pixels` are given. Both images are scaled to [0, 1] (`data.scale`) and
-the output is returned in the LR-HSI's units. The inputs are opened lazily: when the scene
-does not fit the memory budget (`memory_gb`) they are only ever read window by window, the
-prior trains on at most `data.max_train_pixels` LR-HSI pixels spread over the scene, and the
-blind estimation fits the central `blind.crop` x `blind.crop` LR pixels. Library calls: hsijax.sdp.scale_pair,
-check_pair, train_prior, run_methods.
+(projected onto `data.train_rank` principal directions) unless clean `train_pixels` are given.
+Both images are scaled to [0, 1] (`data.scale`), the output is in the LR-HSI's units. The
+inputs are opened lazily: when the scene does not fit the memory budget (`memory_gb`) they
+are only read window by window, the prior trains on at most `data.max_train_pixels` LR-HSI
+pixels spread over the scene, and the blind fit uses the central `blind.crop`^2 LR pixels.
+Library calls: hsijax.sdp.scale_pair, check_pair, low_rank_pixels, train_prior, run_methods.
 
 Writes DIR/fused.npz (X: SDP (H, W, B); X_baseline; psf, srf, scale), DIR/metrics.json
 ({method: {d_lambda, d_s, qnr[, psnr, sam, rmse, ergas, uiqi]}, "seconds", "conventions"}),
@@ -69,15 +69,16 @@ def load_inputs(cfg) -> dict:
                        f"{y.shape[-1]}; give clean spectra of the same sensor")
   lr_pixels = None
   if pixels is None:  # every valid LR-HSI pixel, or a sample spread over a large scene
-    lr_pixels = windowed.sample_pixels(y, cfg.data.max_train_pixels, seed=cfg.seed,
-                                       valid=y_valid)
+    lr_pixels = sdp.low_rank_pixels(windowed.sample_pixels(
+        y, cfg.data.max_train_pixels, seed=cfg.seed, valid=y_valid), cfg.data.train_rank)
   return {
       "y": y, "z": z, "ratio": ratio, "psf": psf, "srf": srf, "scale": scale,
       "valid": sdp.fused_valid(y_valid, z_valid, ratio), "wavelengths": wavelengths,
       "reference": None if ref is None else np.maximum(ref, 0) / scale["hsi"],
       "train_pixels": lr_pixels if pixels is None
                       else np.clip(np.maximum(pixels, 0) / scale["hsi"], 0, 1),
-      "pixel_source": "LR-HSI" if pixels is None else cfg.data.train_pixels,
+      "pixel_source": cfg.data.train_pixels if pixels is not None else "LR-HSI" + (
+          f" (rank {cfg.data.train_rank} projection)" if cfg.data.train_rank else ""),
   }
 
 

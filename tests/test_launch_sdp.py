@@ -84,6 +84,9 @@ def test_config_presets_and_budget():
         sdp_config.resolve(sdp_config.get_config(name + ",fast"))))
     assert (warm.init, warm.start, warm.lam, warm.gam, warm.lr_scale) == (
         "classical", 0.2, 0.03, 3e-4, 3.0)
+  # The prior trains on a rank-10 projection of the LR-HSI in `real` only (crop: clean pixels).
+  assert [sdp_config.get_config(n).data.train_rank for n in ("real", "paper_real", "crop")] == [
+      10, 0, 0]
   crop = sdp_config.get_config("crop,fast")
   assert crop.budget == "fast" and not crop.known_operators and crop.data.ratio == 4
   r = sdp_config.resolve(crop)
@@ -93,6 +96,10 @@ def test_config_presets_and_budget():
   assert sdp_config.get_config("crop,known").known_operators
   with pytest.raises(ValueError, match="exactly one preset"):
     sdp_config.get_config("crop,real")
+  bad = sdp_config.get_config("real")
+  bad.data.train_rank = -1
+  with pytest.raises(ValueError, match="train_rank=-1 must be >= 0"):
+    sdp_config.resolve(bad)
   bad = sdp_config.get_config("crop")
   bad.budget = "slow"
   with pytest.raises(ValueError, match="--config.budget=fast"):
@@ -213,13 +220,15 @@ def test_library_fuse_reproduces_launch_fuse_bit_for_bit(tmp_path):
   # Acceptance: the public API with the same settings and seed returns the same X as the
   # entry point (which is a shell over the same calls).
   _fuse_inputs(tmp_path)
-  cfg = _fuse_cfg(tmp_path)
+  cfg = _fuse_cfg(tmp_path, train_rank=1)  # below the scene's rank (3 endmembers), so it acts
   cfg.methods = "sdp,baseline"
   fuse.run(cfg, str(tmp_path / "out"))
   r = sdp_config.resolve(cfg)
   y, z, scale = sdp.scale_pair(np.load(tmp_path / "lr.npz")["Y"],
                                np.load(tmp_path / "hr.npz")["Z"])
-  prior = sdp.train_prior(y.reshape(-1, y.shape[-1]), steps=r.train.steps, key=r.seed,
+  pixels = sdp.low_rank_pixels(y.reshape(-1, y.shape[-1]), 1)
+  assert not np.allclose(pixels, y.reshape(-1, y.shape[-1]))  # the projection did something
+  prior = sdp.train_prior(pixels, steps=r.train.steps, key=r.seed,
                           **sdp_config.prior_settings(r))
   key = jax.random.fold_in(jax.random.key(r.seed), 1)
   got = sdp.fuse(y, z, prior=prior, key=key, steps=r.solver.num_steps,

@@ -74,6 +74,44 @@ def pixels_digest(pixels: np.ndarray) -> str:
   return h.hexdigest()
 
 
+def low_rank_pixels(pixels: np.ndarray, rank: int, *, strip: int = 65536) -> np.ndarray:
+  """Spectra projected onto their mean plus their first `rank` principal directions.
+
+  An LR-HSI's own pixels are the only spectra a user's scene offers the prior, and they carry
+  the sensor's noise; a diffusion model trained on them learns that noise as part of the
+  spectra. Real spectra of a scene lie close to a low-dimensional subspace (the linear
+  mixing model; HySure and subspace LS use the same assumption), so the projection keeps the
+  spectra and removes most of the noise. Negative values are clipped to 0.
+
+  Args:
+    pixels: (N, B) spectra.
+    rank: principal directions kept; rank >= B (or 0) returns the pixels unchanged.
+    strip: rows per pass (memory: the projection never holds a float64 copy of all pixels).
+
+  Returns:
+    (N, B) float32.
+  """
+  a = np.asarray(pixels, np.float32)
+  n, b = a.shape
+  if rank < 0:
+    raise ValueError(f"rank must be >= 0 (0 = no projection), got {rank}")
+  if rank == 0 or rank >= b:
+    return a
+  strips = range(0, n, strip)
+  mean = sum(a[i:i + strip].sum(0, dtype=np.float64) for i in strips) / n
+  cov = np.zeros((b, b))
+  for i in strips:
+    d = a[i:i + strip] - mean
+    cov += d.T @ d
+  # eigh sorts ascending: the last `rank` eigenvectors span the leading directions.
+  v = np.linalg.eigh(cov)[1][:, -rank:]
+  out = np.empty_like(a)
+  for i in strips:
+    d = a[i:i + strip] - mean
+    out[i:i + strip] = np.maximum(d @ v @ v.T + mean, 0)
+  return out
+
+
 def _fingerprint(pixels: np.ndarray, key: Any, settings: train_lib.PriorSettings
                  ) -> dict[str, Any]:
   full = settings_lib.as_dict(settings)
