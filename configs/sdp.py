@@ -8,8 +8,10 @@ Presets:
                                      15 x 15), lam 0.1, gam 1e-3, solver lr 1e-3 / 1e-3 /
                                      2.5e-3, T = 1000, K = 3, 30k training steps.
   real      a user's own LR-HSI / HR-MSI pair (the default of `launch.fuse`): the warm-started
-            solver below, and a gain / offset per MSI band in the blind fit where it explains
-            the pair much better (blind.radiometry "auto": two sensors rarely share units).
+            solver below, a gain / offset per MSI band in the blind fit where it explains
+            the pair much better (blind.radiometry "auto": two sensors rarely share units),
+            and the prior trained on the LR-HSI's pixels projected onto their first 10
+            principal directions (data.train_rank = 10: drops their noise).
   paper_real  the paper's real-data solver values (lam 1.0, gam 0.1, solver lr 8e-3, cold
             start from ones): kept for comparison; on simulated pairs of every shared crop
             they over-regularise and lose to the Baseline (docs/sdp_results.md).
