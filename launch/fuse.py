@@ -58,25 +58,23 @@ def load_inputs(cfg) -> dict:
              f"{scale['clipped']['hsi']} in the LR-HSI, {scale['clipped']['msi']} in the HR-MSI")
   ref = opt(cfg.data.reference, "--config.data.reference", (3,))
   if ref is not None and ref.shape != z.shape[:2] + y.shape[-1:]:
-    raise ValueError(f"reference is {ref.shape} but must be (H, W, B) = "
-                     f"{z.shape[:2] + y.shape[-1:]} (HR-MSI size, LR-HSI bands); fix "
-                     "--config.data.reference")
+    raise ValueError(f"reference is {ref.shape} but must be (H, W, B) = {z.shape[:2] + y.shape[-1:]}"
+                     " (HR-MSI size, LR-HSI bands); fix --config.data.reference")
   pixels = opt(cfg.data.train_pixels, "--config.data.train_pixels", (2, 3))
   if pixels is not None:
     pixels = pixels.reshape(-1, pixels.shape[-1])
     if pixels.shape[-1] != y.shape[-1]:
       raise ValueError(f"train_pixels have {pixels.shape[-1]} bands but the LR-HSI has "
                        f"{y.shape[-1]}; give clean spectra of the same sensor")
-  lr_pixels = None
-  if pixels is None:  # every valid LR-HSI pixel, or a sample spread over a large scene
-    lr_pixels = sdp.low_rank_pixels(windowed.sample_pixels(
-        y, cfg.data.max_train_pixels, seed=cfg.seed, valid=y_valid), cfg.data.train_rank)
+  # Every valid LR-HSI pixel (or a sample over a large scene): noise estimate, prior's pixels.
+  lr_pixels = windowed.sample_pixels(y, cfg.data.max_train_pixels, seed=cfg.seed, valid=y_valid)
   return {
       "y": y, "z": z, "ratio": ratio, "psf": psf, "srf": srf, "scale": scale,
       "valid": sdp.fused_valid(y_valid, z_valid, ratio), "wavelengths": wavelengths,
       "reference": None if ref is None else np.maximum(ref, 0) / scale["hsi"],
-      "train_pixels": lr_pixels if pixels is None
+      "train_pixels": sdp.low_rank_pixels(lr_pixels, cfg.data.train_rank) if pixels is None
                       else np.clip(np.maximum(pixels, 0) / scale["hsi"], 0, 1),
+      "snr_db": report.lr_snr_db(lr_pixels),
       "pixel_source": cfg.data.train_pixels if pixels is not None else "LR-HSI" + (
           f" (rank {cfg.data.train_rank} projection)" if cfg.data.train_rank else ""),
   }
@@ -103,6 +101,7 @@ def run(config, workdir: str) -> dict:
   if "sdp" in sdp.evaluate.check_methods(methods):
     common.log(f"LR-HSI {y.shape}, HR-MSI {z.shape}, ratio {ratio}; spectral prior on "
                f"{inp['train_pixels'].shape[0]} pixels of {inp['pixel_source']}")
+    common.log(report.snr_line(inp["snr_db"], settings.gam))
     prior = sdp.train_prior(inp["train_pixels"], steps=cfg.train.steps, key=cfg.seed,
                             workdir=workdir, mesh=mesh, policy=policy,
                             **sdp_config.prior_settings(cfg))
@@ -131,6 +130,7 @@ def run(config, workdir: str) -> dict:
   common.write_json(workdir / "run.json", {
       "ratio": ratio, "blind": out.blind, "msi_calibration": out.calibration,
       "lr_pixel_centre_hr_px": sdp.blind.footprint_centre(out.psf).round(3).tolist(),
+      "lr_hsi_snr_db": inp["snr_db"],
       "scale": inp["scale"], "methods": list(out.results),
       "output_X": main, "train": report.prior_summary(prior), "windows": windows,
       "files": written, "policy": policy.__dict__,

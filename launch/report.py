@@ -60,6 +60,31 @@ def blind_fit_lines(out, setting: str) -> list[str]:
   return lines + ([geometry_line(out.psf, out.ratio)] if out.blind else [])
 
 
+# The `real` preset's solver weights were measured on pairs of 20-30 dB (docs/sdp_results.md);
+# on cleaner ones its prior weight cost SDP up to 3.5 dB against its Baseline.
+HIGH_SNR_DB = 35.0
+
+
+def lr_snr_db(pixels: np.ndarray) -> float | None:
+  """`sdp.subspace_snr_db` of the LR-HSI's (N, B) pixels; None with 10 bands or fewer."""
+  return round(sdp.subspace_snr_db(pixels, 10), 2) if pixels.shape[-1] > 10 else None
+
+
+def snr_line(snr_db: float | None, gam: float) -> str:
+  """One log line of the LR-HSI's estimated SNR, with a warning where the prior weight was
+  not measured."""
+  if snr_db is None:
+    return "LR-HSI SNR not estimated (10 bands or fewer)"
+  line = (f"LR-HSI SNR about {snr_db:.1f} dB (the energy outside its first 10 principal "
+          "directions taken as noise: a lower bound)")
+  if snr_db > HIGH_SNR_DB:
+    line += (f". Warning: the prior weight (--config.solver.gam={gam:g}) was chosen on pairs "
+             "of 20-30 dB; on 40 dB pairs it put SDP below detail injection and its own "
+             "Baseline (docs/sdp_results.md). Compare with X_baseline in fused.npz, or try "
+             "--config.solver.gam=3e-5")
+  return line
+
+
 def prior_summary(prior) -> dict[str, Any] | None:
   """What run.json records of the spectral prior."""
   if prior is None:

@@ -81,6 +81,22 @@ def test_low_rank_pixels_is_the_svd_projection_and_removes_noise():
     sdp.low_rank_pixels(noisy, -1)
 
 
+def test_subspace_snr_db_recovers_the_noise_level_of_low_rank_spectra():
+  rng = np.random.default_rng(1)
+  clean = rng.uniform(0, 1, (2000, 4)) @ rng.uniform(0, 1, (4, 60))  # rank 4, 60 bands
+  power = np.mean(clean ** 2)
+  for snr in (20.0, 30.0, 40.0):
+    noisy = clean + rng.normal(0, np.sqrt(power / 10 ** (snr / 10)), clean.shape)
+    assert abs(sdp.subspace_snr_db(noisy, 10) - snr) < 0.3, snr
+  assert sdp.subspace_snr_db(clean, 10) > 60  # nothing outside the subspace but rounding
+  # Detail beyond the subspace counts as noise: a lower bound, never above the truth.
+  rich = rng.uniform(0, 1, (2000, 30)) @ rng.uniform(0, 1, (30, 60))
+  noisy = rich + rng.normal(0, np.sqrt(np.mean(rich ** 2) / 1e4), rich.shape)  # 40 dB
+  assert sdp.subspace_snr_db(noisy, 10) < 40
+  with pytest.raises(ValueError, match=r"rank must be in 1..B-1 = 1..59"):
+    sdp.subspace_snr_db(clean, 60)
+
+
 def test_fuse_reuses_the_compiled_solver_and_matches_run_methods():
   y, z, x, pixels, _, _ = _problem()
   prior = sdp.train_prior(pixels, steps=3, key=0, show_progress=False, **SMALL)

@@ -15,7 +15,7 @@ from configs import sdp as sdp_config
 from hsijax import degrade, synthetic
 from hsijax.checkpoint import Checkpointer
 from hsijax import sdp
-from launch import demo, evaluate_sdp, fuse, train_sdm
+from launch import demo, evaluate_sdp, fuse, report, train_sdm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHODS = {"sdp", "baseline", "bicubic", "detail_injection", "subspace_ls"}
@@ -198,7 +198,9 @@ def test_fuse_end_to_end_with_reference(tmp_path, capsys):
   sc, y, _ = _fuse_inputs(tmp_path)
   cfg = _fuse_cfg(tmp_path, reference=str(tmp_path / "ref.npz") + ":X")
   table = fuse.run(cfg, str(tmp_path / "out"))
-  assert "blind PSF: LR pixel (i, j) is centred on HR pixel (2 i " in capsys.readouterr().out
+  log = capsys.readouterr().out
+  assert "blind PSF: LR pixel (i, j) is centred on HR pixel (2 i " in log
+  assert "LR-HSI SNR not estimated (10 bands or fewer)" in log
   _check_table(table, keys=FULL_REF | {"d_lambda", "d_s", "qnr"})
   for v in (table[m] for m in METHODS):
     assert 0 <= v["d_lambda"] <= 2 and 0 <= v["d_s"] <= 2
@@ -210,7 +212,7 @@ def test_fuse_end_to_end_with_reference(tmp_path, capsys):
     assert 0 <= x.min() and x.max() <= float(f["scale"]) + 1e-3 and x.max() > 5
     assert f["psf"].shape == (3, 3) and f["srf"].shape == (3, 10)  # blind, ratio 2 -> 3 x 3
   run = json.loads((tmp_path / "out" / "run.json").read_text())
-  assert run["ratio"] == 2 and run["blind"] is True
+  assert run["ratio"] == 2 and run["blind"] is True and run["lr_hsi_snr_db"] is None
   with np.load(tmp_path / "out" / "fused.npz") as f:  # where the blind PSF puts the LR pixels
     np.testing.assert_allclose(run["lr_pixel_centre_hr_px"],
                                sdp.blind.footprint_centre(f["psf"]), atol=1e-3)
@@ -259,6 +261,19 @@ def test_fuse_without_reference_known_operators(tmp_path):
   assert run["blind"] is False
   with np.load(tmp_path / "out" / "fused.npz") as f, np.load(tmp_path / "ops.npz") as ops:
     np.testing.assert_allclose(f["srf"], ops["srf"], rtol=1e-6)
+
+
+def test_fuse_snr_line_warns_only_above_the_measured_range():
+  rng = np.random.default_rng(0)
+  pixels = rng.uniform(0, 1, (300, 3)) @ rng.uniform(0, 1, (3, 40))
+  pixels += rng.normal(0, 0.1 * pixels.std(), pixels.shape)
+  snr = report.lr_snr_db(pixels)
+  assert snr == round(sdp.subspace_snr_db(pixels, 10), 2) and 15 < snr < 30
+  assert report.lr_snr_db(pixels[:, :10]) is None
+  assert "Warning" not in report.snr_line(snr, 3e-4)
+  assert f"{snr:.1f} dB" in report.snr_line(snr, 3e-4)
+  warn = report.snr_line(report.HIGH_SNR_DB + 0.1, 3e-4)
+  assert "--config.solver.gam=0.0003" in warn and "try --config.solver.gam=3e-5" in warn
 
 
 # ----------------------------------------------------------------------------- input errors

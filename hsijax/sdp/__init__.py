@@ -5,6 +5,7 @@ Verbs (plain arrays in, small frozen dataclasses out):
   load_prior(workdir) -> Prior                                 prior.py
   low_rank_pixels(pixels, rank) -> pixels                      prior.py (LR-HSI pixels denoised
                                                                for training)
+  subspace_snr_db(pixels) -> dB                                prior.py
   fuse(y, z, *, prior=None, key, ...) -> Fusion                fusion.py (prior=None: Baseline;
                                                                fuse(..., **WARM_START) for the
                                                                warm-started solver)
@@ -29,7 +30,8 @@ from hsijax.sdp.fusion import (WARM_START, Fusion, FusionSettings, apply_msi_cal
                                estimate_calibrated, estimate_operators, fuse, plan_windows)
 from hsijax.sdp.inputs import (check_pair, fill_invalid, finish_output, fused_valid,
                                infer_ratio, scale_pair)
-from hsijax.sdp.prior import Prior, load_prior, low_rank_pixels, train_prior
+from hsijax.sdp.prior import (Prior, load_prior, low_rank_pixels, subspace_snr_db,
+                              train_prior)
 from hsijax.sdp.solver import (fusion_grad, fusion_loss, initial_x, make_batched_solver,
                                make_solver, respaced_lr_scale)
 from hsijax.sdp.tiled import fuse_tiled, make_tiled_solver
@@ -39,7 +41,7 @@ from hsijax.sdp.train import (PriorSettings, TrainState, diffusion_loss, evaluat
 
 __all__ = [
     # verbs and their values
-    "train_prior", "load_prior", "Prior", "PriorSettings", "low_rank_pixels",
+    "train_prior", "load_prior", "Prior", "PriorSettings", "low_rank_pixels", "subspace_snr_db",
     "fuse", "Fusion", "FusionSettings", "WARM_START", "scale_pair", "check_pair", "infer_ratio",
     "fill_invalid", "fused_valid", "finish_output", "plan_windows",
     "run_methods", "MethodResults", "evaluate_cube", "Evaluation", "METHODS",

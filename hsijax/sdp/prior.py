@@ -74,6 +74,19 @@ def pixels_digest(pixels: np.ndarray) -> str:
   return h.hexdigest()
 
 
+def _principal(a: np.ndarray, strip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Mean (B,), eigenvalues (B,) ascending and eigenvectors (B, B) of the centred scatter."""
+  n, b = a.shape
+  strips = range(0, n, strip)
+  mean = sum(a[i:i + strip].sum(0, dtype=np.float64) for i in strips) / n
+  scatter = np.zeros((b, b))
+  for i in strips:
+    d = a[i:i + strip] - mean
+    scatter += d.T @ d
+  evals, evecs = np.linalg.eigh(scatter)
+  return mean, evals, evecs
+
+
 def low_rank_pixels(pixels: np.ndarray, rank: int, *, strip: int = 65536) -> np.ndarray:
   """Spectra projected onto their mean plus their first `rank` principal directions.
 
@@ -92,24 +105,41 @@ def low_rank_pixels(pixels: np.ndarray, rank: int, *, strip: int = 65536) -> np.
     (N, B) float32.
   """
   a = np.asarray(pixels, np.float32)
-  n, b = a.shape
   if rank < 0:
     raise ValueError(f"rank must be >= 0 (0 = no projection), got {rank}")
-  if rank == 0 or rank >= b:
+  if rank == 0 or rank >= a.shape[1]:
     return a
-  strips = range(0, n, strip)
-  mean = sum(a[i:i + strip].sum(0, dtype=np.float64) for i in strips) / n
-  cov = np.zeros((b, b))
-  for i in strips:
-    d = a[i:i + strip] - mean
-    cov += d.T @ d
-  # eigh sorts ascending: the last `rank` eigenvectors span the leading directions.
-  v = np.linalg.eigh(cov)[1][:, -rank:]
+  mean, _, evecs = _principal(a, strip)
+  v = evecs[:, -rank:]  # eigh sorts ascending: the leading directions are last
   out = np.empty_like(a)
-  for i in strips:
-    d = a[i:i + strip] - mean
-    out[i:i + strip] = np.maximum(d @ v @ v.T + mean, 0)
+  for i in range(0, a.shape[0], strip):
+    out[i:i + strip] = np.maximum((a[i:i + strip] - mean) @ v @ v.T + mean, 0)
   return out
+
+
+def subspace_snr_db(pixels: np.ndarray, rank: int = 10, *, strip: int = 65536) -> float:
+  """The spectra's signal-to-noise ratio in dB, estimated from their principal directions.
+
+  The energy outside the leading `rank` directions is taken as noise (white noise puts the
+  share (B - rank) / B of its energy there, which is corrected for): 10 log10 of the pixels'
+  total energy over that noise energy. Spectra with real detail beyond `rank` directions
+  count it as noise too, so on clean data this is a lower bound.
+
+  Args:
+    pixels: (N, B) spectra with B > rank.
+    rank: the signal subspace's dimension (10, as `low_rank_pixels` in the `real` preset).
+
+  Returns:
+    SNR in dB (inf for spectra that lie exactly in the subspace).
+  """
+  a = np.asarray(pixels, np.float32)
+  if not 0 < rank < a.shape[1]:
+    raise ValueError(f"rank must be in 1..B-1 = 1..{a.shape[1] - 1}, got {rank}")
+  _, evals, _ = _principal(a, strip)
+  noise = max(float(evals[:-rank].sum()), 0.0) * a.shape[1] / (a.shape[1] - rank)
+  total = sum(float(np.sum(np.square(a[i:i + strip], dtype=np.float64)))
+              for i in range(0, a.shape[0], strip))
+  return float("inf") if noise == 0 else 10 * float(np.log10(total / noise))
 
 
 def _fingerprint(pixels: np.ndarray, key: Any, settings: train_lib.PriorSettings
