@@ -66,15 +66,17 @@ HIGH_SNR_DB = 35.0
 
 
 def lr_snr_db(pixels: np.ndarray) -> float | None:
-  """`sdp.subspace_snr_db` of the LR-HSI's (N, B) pixels; None with 10 bands or fewer."""
-  return round(sdp.subspace_snr_db(pixels, 10), 2) if pixels.shape[-1] > 10 else None
+  """`sdp.subspace_snr_db` of the LR-HSI's (N, B) pixels; None with 10 bands or fewer, or
+  none of their energy outside 10 directions (run.json is strict JSON: no inf)."""
+  snr = sdp.subspace_snr_db(pixels, 10) if pixels.shape[-1] > 10 else float("nan")
+  return round(snr, 2) if np.isfinite(snr) else None
 
 
 def snr_line(snr_db: float | None, gam: float) -> str:
   """One log line of the LR-HSI's estimated SNR, with a warning where the prior weight was
   not measured."""
   if snr_db is None:
-    return "LR-HSI SNR not estimated (10 bands or fewer)"
+    return "LR-HSI SNR not estimated (10 bands or fewer, or no energy outside 10 directions)"
   line = (f"LR-HSI SNR about {snr_db:.1f} dB (the energy outside its first 10 principal "
           "directions taken as noise: a lower bound)")
   if snr_db > HIGH_SNR_DB:
