@@ -81,9 +81,9 @@ def snr_line(snr_db: float | None, gam: float) -> str:
           "directions taken as noise: a lower bound)")
   if snr_db > HIGH_SNR_DB:
     line += (f". Warning: the prior weight (--config.solver.gam={gam:g}) was chosen on pairs "
-             "of 20-30 dB; on 40 dB pairs it put SDP below detail injection and its own "
-             "Baseline (docs/sdp_results.md). Compare with X_baseline in fused.npz, or try "
-             "--config.solver.gam=3e-5")
+             "of 20-30 dB; on 40 dB pairs SDP fell below detail injection, on one 3.5 dB "
+             "below its own Baseline (docs/sdp_results.md). Compare with X_baseline in "
+             "fused.npz, or try --config.solver.gam=3e-5")
   return line
 
 
